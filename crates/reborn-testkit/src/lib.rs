@@ -1,0 +1,282 @@
+//! Helpers shared by reborn's integration tests: find the workspace's binaries, start
+//! servers and read their output, poll with deadlines (never sleep-and-hope), talk
+//! HTTP/1.1 over plain sockets with no retries, and look at processes.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long tests wait for things that should happen quickly, on a loaded 2-core machine.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// `target/<profile>`: the directory of the running test binary's parent.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let deps = exe.parent().expect("tests live in target/<profile>/deps");
+    deps.parent().expect("target/<profile>").to_path_buf()
+}
+
+static BUILD_LOCK: Mutex<()> = Mutex::new(());
+
+fn ensure_built(path: PathBuf, package: &str, kind: &str, name: &str) -> PathBuf {
+    let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.exists() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", package, kind, name]);
+        if target_dir().file_name() == Some("release".as_ref()) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success(), "cargo build -p {package} {kind} {name} failed");
+    }
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// The path of a binary target of a workspace package, built if missing.
+pub fn bin(package: &str, name: &str) -> PathBuf {
+    ensure_built(target_dir().join(name), package, "--bin", name)
+}
+
+/// The path of an example of a workspace package, built if missing.
+pub fn example(package: &str, name: &str) -> PathBuf {
+    ensure_built(target_dir().join("examples").join(name), package, "--example", name)
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the command name in parentheses.
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Sends `signal` to `pid`.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}): {}", io::Error::last_os_error());
+}
+
+/// The number of open file descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// The PIDs of the direct children of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let file = task.path().join("children");
+            if let Ok(text) = std::fs::read_to_string(file) {
+                out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out.retain(|p| alive(*p));
+    out
+}
+
+/// A child process whose stdout and stderr lines are collected as they come.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Starts `cmd` with piped stdout and stderr.
+    pub fn start(mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("piped");
+        let err = child.stderr.take().expect("piped");
+        for stream in [Box::new(out) as Box<dyn Read + Send>, Box::new(err)] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if std::env::var_os("REBORN_TEST_ECHO").is_some() {
+                        eprintln!("| {line}");
+                    }
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            });
+        }
+        Proc { child, lines }
+    }
+
+    /// The PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
+    }
+
+    /// Waits for a printed line for which `find` returns `Some`.
+    pub fn wait_line<T>(&self, what: &str, mut find: impl FnMut(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            {
+                let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(v) = lines.iter().find_map(|l| find(l)) {
+                    return v;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; output so far:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to exit and returns its exit code (`None` if killed by a
+    /// signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = &mut self.child;
+        let status = wait_for("the process to exit", timeout, || child.try_wait().ok().flatten());
+        status.code()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A parsed HTTP/1.1 response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// Header lines, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: String,
+}
+
+impl Response {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// An HTTP/1.1 client on one connection, for tests: no pooling, no retries.
+pub struct Http1 {
+    stream: BufReader<TcpStream>,
+}
+
+impl Http1 {
+    /// Connects.
+    pub fn connect(addr: SocketAddr) -> io::Result<Http1> {
+        let stream = TcpStream::connect_timeout(&addr, PATIENCE)?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        stream.set_nodelay(true)?;
+        Ok(Http1 { stream: BufReader::new(stream) })
+    }
+
+    /// Sends `GET path` and reads the response (`Content-Length` bodies only).
+    pub fn get(&mut self, path: &str) -> io::Result<Response> {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+        self.stream.get_mut().write_all(req.as_bytes())?;
+        read_response(&mut self.stream)
+    }
+}
+
+/// One request on a fresh connection.
+pub fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
+    Http1::connect(addr)?.get(path)
+}
+
+fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a response"));
+    }
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = l.split_once(':') {
+            headers.push((n.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    Ok(Response { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
+}
+
+/// Copies a file to `dir/name`, keeping its permissions, and returns the new path.
+pub fn copy_to(src: &Path, dir: &Path, name: &str) -> PathBuf {
+    let dst = dir.join(name);
+    std::fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));
+    dst
+}
+
+/// Replaces `path` with a copy of `src` plus `extra` bytes at the end (a different binary
+/// with a different digest), the way a deploy does: write a new file, rename over.
+pub fn replace_with_variant(path: &Path, src: &Path, extra: &[u8]) {
+    let tmp = path.with_extension("new");
+    std::fs::copy(src, &tmp).expect("copy the binary");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&tmp).expect("open copy");
+    f.write_all(extra).expect("append");
+    drop(f);
+    std::fs::rename(&tmp, path).expect("rename over the old binary");
+}
+
+/// Replaces `path` with a shell script (mode 0755), by rename.
+pub fn replace_with_script(path: &Path, script: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, script).expect("write script");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&tmp, path).expect("rename over the old binary");
+}

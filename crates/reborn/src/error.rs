@@ -1,0 +1,106 @@
+//! Errors, as enums whose messages say what went wrong and what to do about it.
+//!
+//! Every message names the thing at fault (the address, the variable, the file) so that a
+//! log line alone is enough to act on.
+
+use std::io;
+use std::path::PathBuf;
+
+/// What can go wrong while setting up or running a server with reborn.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An address that is neither `host:port` nor a Unix socket path.
+    #[error(
+        "{addr:?} is not a listen address: {reason}; write a TCP address as HOST:PORT \
+         (e.g. 127.0.0.1:8080, [::1]:8080, :8080 for every interface) or a Unix socket \
+         path (e.g. /run/app.sock, ./app.sock, unix:app.sock)"
+    )]
+    BadAddress {
+        /// The address as given.
+        addr: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// Another socket is already bound to the address.
+    #[error(
+        "cannot listen on {addr}: the address is already in use; another process listens \
+         there (see `ss -ltnp`), stop it or choose another address"
+    )]
+    AddrInUse {
+        /// The address asked for.
+        addr: String,
+    },
+    /// The process may not bind the address.
+    #[error(
+        "cannot listen on {addr}: permission denied; ports below 1024 need root or \
+         CAP_NET_BIND_SERVICE, and a Unix socket needs a writable directory"
+    )]
+    PermissionDenied {
+        /// The address asked for.
+        addr: String,
+    },
+    /// Any other failure to create a listener.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address asked for.
+        addr: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// An inherited socket does not fit what was asked for.
+    #[error(
+        "the inherited socket {name:?} (fd {fd}) is {found}, but a {wanted} listener was asked \
+         for; fix the socket unit or the address the program asks for"
+    )]
+    InheritedMismatch {
+        /// The name the socket was handed on under.
+        name: String,
+        /// Its file descriptor.
+        fd: i32,
+        /// What it is.
+        found: String,
+        /// What was asked for.
+        wanted: String,
+    },
+    /// The socket-activation environment is malformed.
+    #[error(transparent)]
+    Activation(#[from] crate::activation::ActivationError),
+    /// Starting, or handing over to, the next generation failed.
+    #[error(transparent)]
+    Upgrade(#[from] crate::upgrade::UpgradeError),
+    /// Writing the PID file failed.
+    #[error("cannot write the PID file {path}: {source}; check that its directory exists and is writable")]
+    PidFile {
+        /// The PID file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The tokio runtime could not be built or signal handlers could not be installed.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] io::Error),
+    /// Any other I/O failure, with what was being done.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// `Result` with reborn's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

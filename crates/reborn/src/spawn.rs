@@ -1,0 +1,381 @@
+//! Starting a process with listening sockets at fds 3, 4, … and `LISTEN_PID` set to its
+//! own PID.
+//!
+//! Between `fork` and `exec` only async-signal-safe calls are allowed (the parent may be a
+//! multi-threaded tokio process: another thread could hold the allocator's lock). So
+//! everything is built before the fork: the argument and environment arrays, a
+//! fixed-width placeholder for `LISTEN_PID`, and a slot for each temporary fd. The child
+//! then only calls `fcntl`, `dup2`, `close`, `getpid`, `prctl`, `getppid` and `execve`,
+//! and writes digits into memory it already owns.
+//!
+//! The child is started through [`std::process::Command`] with a `pre_exec` closure that
+//! ends in its own `execve`, so std's stdio set-up, working directory, process group and
+//! signal-mask reset all still apply, and a failed `execve` is reported to the parent as
+//! the `io::Error` of `spawn`.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::activation::{
+    CONSUMED_VARS, ENV_LISTEN_FDNAMES, ENV_LISTEN_FDS, ENV_LISTEN_PID, LISTEN_FDS_START,
+    encode_names,
+};
+
+/// What to start, and what to hand it.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec<'fd> {
+    program: PathBuf,
+    arg0: OsString,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    cwd: Option<PathBuf>,
+    sockets: Vec<(BorrowedFd<'fd>, Option<String>)>,
+    parent_death_signal: Option<(libc::c_int, libc::pid_t)>,
+}
+
+impl<'fd> SpawnSpec<'fd> {
+    /// Starts `program` (a path: it is executed as is, never looked up in `PATH`).
+    ///
+    /// `argv[0]` defaults to the program path. The environment starts empty: add to it
+    /// with [`env`](Self::env) or [`envs`](Self::envs). Any socket-activation or notify
+    /// variable among them is dropped; set readiness with [`env`](Self::env) after
+    /// adding the rest.
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        let program = program.into();
+        SpawnSpec {
+            arg0: program.clone().into_os_string(),
+            program,
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            sockets: Vec::new(),
+            parent_death_signal: None,
+        }
+    }
+
+    /// Sets `argv[0]`.
+    pub fn arg0(mut self, arg0: impl Into<OsString>) -> Self {
+        self.arg0 = arg0.into();
+        self
+    }
+
+    /// Appends arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds environment variables, dropping the ones reborn's protocol owns
+    /// (`LISTEN_*`, `NOTIFY_SOCKET`, `REBORN_*`): those are set on purpose or not at all.
+    pub fn envs<I, K, V>(mut self, vars: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<OsString>,
+        V: Into<OsString>,
+    {
+        for (k, v) in vars {
+            let k = k.into();
+            if !CONSUMED_VARS.iter().any(|c| OsStr::new(c) == k) {
+                self.env.push((k, v.into()));
+            }
+        }
+        self
+    }
+
+    /// Sets one environment variable, replacing an earlier value.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        let key = key.into();
+        self.env.retain(|(k, _)| *k != key);
+        self.env.push((key, value.into()));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Hands a listening socket to the child; the n-th socket becomes fd `3 + n`.
+    pub fn socket(mut self, fd: BorrowedFd<'fd>, name: Option<String>) -> Self {
+        self.sockets.push((fd, name));
+        self
+    }
+
+    /// Asks the kernel to send `signal` to the child when the thread that spawns it exits
+    /// (`PR_SET_PDEATHSIG`). `parent` is the spawning process's PID: if it is already gone
+    /// when the child starts, the child exits at once.
+    ///
+    /// The signal follows the spawning *thread*: spawn from a thread that lives as long
+    /// as the parent does.
+    pub fn parent_death_signal(mut self, signal: libc::c_int, parent: libc::pid_t) -> Self {
+        self.parent_death_signal = Some((signal, parent));
+        self
+    }
+
+    /// The program's path.
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+
+    /// Builds the [`Command`], ready to be spawned (by std or by tokio, which converts
+    /// from it). Stdio is inherited unless the caller changes it.
+    pub fn command(&self) -> io::Result<Command> {
+        let plan = ExecPlan::new(self)?;
+        let mut cmd = Command::new(&self.program);
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
+        let mut plan = plan;
+        // SAFETY: the closure runs in the child between fork and exec and only makes
+        // async-signal-safe calls (fcntl, dup2, close, getpid, prctl, getppid, execve) on
+        // memory prepared before the fork; it allocates nothing and takes no locks.
+        unsafe {
+            cmd.pre_exec(move || plan.exec_in_child());
+        }
+        Ok(cmd)
+    }
+}
+
+/// Everything the child needs, laid out before the fork.
+struct ExecPlan {
+    program: CString,
+    // Owners of the strings the pointer arrays point into.
+    _argv_owned: Vec<CString>,
+    _envp_owned: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    /// `LISTEN_PID=` followed by room for the digits and a NUL, when sockets are passed.
+    listen_pid: Option<Vec<u8>>,
+    sources: Vec<RawFd>,
+    moved: Vec<RawFd>,
+    parent_death_signal: Option<(libc::c_int, libc::pid_t)>,
+}
+
+// SAFETY: the raw pointers point into the CStrings and the buffer owned by the same plan
+// (heap memory that does not move when the plan does); the plan is used only by the
+// child, after fork, where there is a single thread.
+unsafe impl Send for ExecPlan {}
+// SAFETY: as above; `&ExecPlan` gives no access to the pointers.
+unsafe impl Sync for ExecPlan {}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+const PID_DIGITS: usize = 20;
+
+fn cstring(bytes: &[u8], what: &str) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte"),
+        )
+    })
+}
+
+impl ExecPlan {
+    fn new(spec: &SpawnSpec<'_>) -> io::Result<ExecPlan> {
+        let program = cstring(spec.program.as_os_str().as_bytes(), "the program path")?;
+        let mut argv_owned = vec![cstring(spec.arg0.as_bytes(), "argv[0]")?];
+        for a in &spec.args {
+            argv_owned.push(cstring(a.as_bytes(), "an argument")?);
+        }
+        let mut envp_owned = Vec::with_capacity(spec.env.len() + 3);
+        for (k, v) in &spec.env {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            envp_owned.push(cstring(&kv, "an environment variable")?);
+        }
+        let mut listen_pid = None;
+        if !spec.sockets.is_empty() {
+            envp_owned.push(cstring(
+                format!("{ENV_LISTEN_FDS}={}", spec.sockets.len()).as_bytes(),
+                "LISTEN_FDS",
+            )?);
+            let names = encode_names(spec.sockets.iter().map(|(_, n)| n.as_deref()));
+            envp_owned.push(cstring(
+                format!("{ENV_LISTEN_FDNAMES}={names}").as_bytes(),
+                "LISTEN_FDNAMES",
+            )?);
+            let mut buf = Vec::with_capacity(LISTEN_PID_PREFIX.len() + PID_DIGITS + 1);
+            buf.extend_from_slice(ENV_LISTEN_PID.as_bytes());
+            buf.push(b'=');
+            buf.resize(LISTEN_PID_PREFIX.len() + PID_DIGITS + 1, 0);
+            listen_pid = Some(buf);
+        }
+        let argv = argv_owned
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let mut envp: Vec<*const libc::c_char> = envp_owned.iter().map(|c| c.as_ptr()).collect();
+        if let Some(buf) = &listen_pid {
+            envp.push(buf.as_ptr().cast());
+        }
+        envp.push(std::ptr::null());
+        let sources: Vec<RawFd> = spec.sockets.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+        Ok(ExecPlan {
+            program,
+            _argv_owned: argv_owned,
+            _envp_owned: envp_owned,
+            argv,
+            envp,
+            listen_pid,
+            moved: vec![-1; sources.len()],
+            sources,
+            parent_death_signal: spec.parent_death_signal,
+        })
+    }
+
+    /// Runs in the child. Returns only on failure.
+    fn exec_in_child(&mut self) -> io::Result<()> {
+        if let Some((signal, parent)) = self.parent_death_signal {
+            // SAFETY: prctl and getppid are async-signal-safe system calls.
+            unsafe {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    // The parent died before the signal was armed.
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+            }
+        }
+        let n = self.sources.len() as RawFd;
+        let first_free = LISTEN_FDS_START + n;
+        // First move every source above the target range, so that no dup2 below can
+        // overwrite a source that is still to be placed.
+        for (slot, src) in self.moved.iter_mut().zip(&self.sources) {
+            // SAFETY: fcntl(F_DUPFD_CLOEXEC) is async-signal-safe; `src` is an fd the
+            // parent kept open for the spawn.
+            let fd = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, first_free) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            *slot = fd;
+        }
+        for (i, fd) in self.moved.iter().enumerate() {
+            let target = LISTEN_FDS_START + i as RawFd;
+            // SAFETY: dup2 and close are async-signal-safe. `fd` >= first_free > target,
+            // so dup2 really duplicates, and the new fd has close-on-exec cleared.
+            unsafe {
+                if libc::dup2(*fd, target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::close(*fd);
+            }
+        }
+        if let Some(buf) = self.listen_pid.as_mut() {
+            // SAFETY: getpid is async-signal-safe.
+            let pid = unsafe { libc::getpid() };
+            write_decimal(&mut buf[LISTEN_PID_PREFIX.len()..], pid as u64);
+        }
+        // SAFETY: execve is async-signal-safe; the arrays are NUL-terminated and point
+        // into strings owned by `self`, which outlives the call.
+        unsafe {
+            libc::execve(self.program.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr());
+        }
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Writes `value` in decimal followed by a NUL into `out`, which holds at least 21 bytes.
+/// Allocation-free: it runs between fork and exec.
+fn write_decimal(out: &mut [u8], mut value: u64) {
+    let mut digits = [0u8; PID_DIGITS];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (value % 10) as u8;
+        len += 1;
+        value /= 10;
+        if value == 0 || len == PID_DIGITS {
+            break;
+        }
+    }
+    for i in 0..len {
+        out[i] = digits[len - 1 - i];
+    }
+    out[len] = 0;
+}
+
+/// Finds `program` as a shell would: a name with a `/` is used as is, a bare name is
+/// looked up in `PATH` (executable regular files only).
+pub fn resolve_program(program: &OsStr) -> Option<PathBuf> {
+    if program.as_bytes().contains(&b'/') {
+        return Some(PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable_file(candidate))
+}
+
+/// Whether `path` is a regular file with an execute bit.
+pub fn is_executable_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal() {
+        let mut buf = [0xffu8; 21];
+        write_decimal(&mut buf, 0);
+        assert_eq!(&buf[..2], b"0\0");
+        write_decimal(&mut buf, 4194304);
+        assert_eq!(&buf[..8], b"4194304\0");
+        write_decimal(&mut buf, u64::MAX);
+        assert_eq!(&buf[..21], b"18446744073709551615\0");
+    }
+
+    #[test]
+    fn child_sees_its_own_pid_and_sockets() {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let spec = SpawnSpec::new("/bin/sh")
+            .args([
+                "-c",
+                "echo $$ $LISTEN_PID $LISTEN_FDS $LISTEN_FDNAMES; \
+                 ls -l /proc/self/fd/3 /proc/self/fd/4 | grep -c socket",
+            ])
+            .envs([("PATH", "/usr/bin:/bin"), ("LISTEN_FDS", "99")])
+            .socket(std::os::fd::AsFd::as_fd(&a), Some("one".into()))
+            .socket(std::os::fd::AsFd::as_fd(&b), None);
+        let out = spec
+            .command()
+            .unwrap()
+            .stdout(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines();
+        let first: Vec<&str> = lines.next().unwrap().split(' ').collect();
+        assert_eq!(first[0], first[1], "LISTEN_PID is the child's own pid: {text}");
+        assert_eq!(first[2], "2");
+        assert_eq!(first[3], "one:unknown");
+        assert_eq!(lines.next(), Some("2"), "{text}");
+    }
+
+    #[test]
+    fn missing_program_is_reported() {
+        let err = SpawnSpec::new("/nonexistent/reborn-test")
+            .command()
+            .unwrap()
+            .spawn()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+}
