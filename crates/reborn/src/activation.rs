@@ -14,7 +14,7 @@
 //! tested and fuzzed on its own; [`take_from_env`] applies it to this process once.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
 /// The first file descriptor of the inherited sockets (`SD_LISTEN_FDS_START`).
@@ -32,8 +32,9 @@ pub const ENV_LISTEN_FDS: &str = "LISTEN_FDS";
 pub const ENV_LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 /// `NOTIFY_SOCKET`: where to report readiness.
 pub const ENV_NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
-/// reborn's own addition: the service manager's notify socket, which a process started by
-/// a self-upgrade must also tell that it is now the main process.
+/// reborn's own addition, set by a self-upgrade: the service manager's notify socket,
+/// which the new process must tell that it is now the main process (empty when there is
+/// no service manager).
 pub const ENV_UPSTREAM_NOTIFY: &str = "REBORN_UPSTREAM_NOTIFY_SOCKET";
 /// reborn's own addition: set by the reborn master to its PID. A worker that sees it leaves
 /// upgrades to the master.
@@ -232,6 +233,10 @@ pub struct ProcessEnv {
     /// The service manager's notify socket when this process was started by a
     /// self-upgrade under one (reborn's own variable).
     pub upstream_notify_socket: Option<OsString>,
+    /// Whether this process was started by a self-upgrade: then `NOTIFY_SOCKET` is the
+    /// previous generation's, and the service manager's (if any) is
+    /// `upstream_notify_socket`.
+    pub started_by_upgrade: bool,
     /// The reborn master's PID when this process runs under one.
     pub master_pid: Option<u32>,
     /// Why `LISTEN_*` were not used, when they were not.
@@ -268,7 +273,9 @@ pub fn take_from_env() -> Result<ProcessEnv, ActivationError> {
     let listen_fds = get(ENV_LISTEN_FDS)?;
     let listen_fdnames = get(ENV_LISTEN_FDNAMES)?;
     let notify_socket = std::env::var_os(ENV_NOTIFY_SOCKET).filter(|s| !s.is_empty());
-    let upstream_notify_socket = std::env::var_os(ENV_UPSTREAM_NOTIFY).filter(|s| !s.is_empty());
+    let upstream = std::env::var_os(ENV_UPSTREAM_NOTIFY);
+    let started_by_upgrade = upstream.is_some();
+    let upstream_notify_socket = upstream.filter(|s| !s.is_empty());
     let master_pid = get(ENV_MASTER_PID)?.and_then(|p| p.trim().parse().ok());
     clear_consumed_vars();
 
@@ -299,6 +306,7 @@ pub fn take_from_env() -> Result<ProcessEnv, ActivationError> {
         sockets,
         notify_socket,
         upstream_notify_socket,
+        started_by_upgrade,
         master_pid,
         ignored,
     })

@@ -246,6 +246,11 @@ impl ListenerSet {
         Ok(listener)
     }
 
+    /// The addresses of the listeners handed out, for logs and status lines.
+    pub(crate) fn addresses(&self) -> Vec<String> {
+        self.handed.iter().map(|(fd, _)| describe_addr(fd)).collect()
+    }
+
     /// How many listeners were handed out.
     pub(crate) fn handed_count(&self) -> usize {
         self.handed.len()
@@ -336,6 +341,17 @@ fn bound_to(fd: &OwnedFd, addr: &ListenAddr) -> Option<bool> {
 fn same_path(a: &Path, b: &Path) -> bool {
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     abs(a) == abs(b)
+}
+
+fn describe_addr(fd: &OwnedFd) -> String {
+    match SockRef::from(fd).local_addr() {
+        Ok(a) => match (a.as_socket(), a.as_pathname()) {
+            (Some(s), _) => s.to_string(),
+            (None, Some(p)) => format!("unix:{}", p.display()),
+            _ => "?".into(),
+        },
+        Err(_) => "?".into(),
+    }
 }
 
 fn describe(fd: &OwnedFd) -> String {

@@ -1,0 +1,305 @@
+//! The drain: stop accepting, let every accepted request finish, close idle connections
+//! without racing the client, and close whatever is left at the deadline (the hammer).
+//!
+//! hyper's own `graceful_shutdown` closes an idle HTTP/1.1 connection at once. A busy
+//! client has its next request on the wire at that moment and gets a reset: that is how
+//! endless, tableflip and nginx lose about one request per open connection per restart.
+//! reborn's policy, per connection:
+//!
+//! * **HTTP/1.x**: from the start of the drain, every response carries
+//!   `Connection: close`, so a busy connection ends cleanly after its next response. A
+//!   connection still open after the idle grace has had no request during the whole grace:
+//!   it is then shut down gracefully (closed if idle, or once its current response is
+//!   written).
+//! * **HTTP/2**: a graceful GOAWAY at once (two-step: the client learns to open no new
+//!   streams, then the last stream ID is set); open streams finish.
+//! * **At the hammer** (drain deadline, `SIGUSR2`): the connection is dropped.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, Version, header};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::sync::watch;
+
+/// Where the process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Accepting and serving.
+    Serving,
+    /// No longer accepting; accepted connections finish.
+    Draining,
+    /// Closing everything now.
+    Hammer,
+}
+
+/// Why the drain started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainReason {
+    /// A new generation (this PID) is ready and serves in this one's place.
+    Upgraded {
+        /// The new generation's PID.
+        successor: u32,
+    },
+    /// A graceful shutdown was asked for (`SIGTERM`, `SIGINT`, or from code).
+    Shutdown,
+}
+
+/// A cheap, cloneable view of the drain, for servers with their own accept loop.
+///
+/// ```no_run
+/// # async fn example(shutdown: reborn::Shutdown) {
+/// tokio::select! {
+///     _ = shutdown.draining() => { /* stop accepting, finish what is in flight */ }
+///     _ = async { /* accept loop */ } => {}
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    rx: watch::Receiver<Phase>,
+}
+
+impl Shutdown {
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        *self.rx.borrow()
+    }
+
+    /// Whether the drain has started.
+    pub fn is_draining(&self) -> bool {
+        self.phase() >= Phase::Draining
+    }
+
+    /// Resolves once the drain starts (at once if it has).
+    pub async fn draining(&self) {
+        self.wait(Phase::Draining).await
+    }
+
+    /// Resolves once everything must close now (at once if it must).
+    pub async fn hammered(&self) {
+        self.wait(Phase::Hammer).await
+    }
+
+    async fn wait(&self, phase: Phase) {
+        let mut rx = self.rx.clone();
+        // An error means the sender is gone, which happens only when the process's
+        // reborn state is dropped: nothing will ever change, so treat it as reached.
+        let _ = rx.wait_for(|p| *p >= phase).await;
+    }
+
+    pub(crate) fn receiver(&self) -> watch::Receiver<Phase> {
+        self.rx.clone()
+    }
+}
+
+/// The sending side of the phase, owned by the process's reborn state.
+#[derive(Debug)]
+pub(crate) struct DrainControl {
+    tx: watch::Sender<Phase>,
+    draining: Arc<AtomicBool>,
+    reason: std::sync::Mutex<Option<DrainReason>>,
+}
+
+impl DrainControl {
+    pub(crate) fn new() -> Self {
+        DrainControl {
+            tx: watch::Sender::new(Phase::Serving),
+            draining: Arc::new(AtomicBool::new(false)),
+            reason: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn shutdown(&self) -> Shutdown {
+        Shutdown {
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        *self.tx.borrow()
+    }
+
+    pub(crate) fn reason(&self) -> Option<DrainReason> {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the drain; returns false if it had already started.
+    pub(crate) fn begin(&self, reason: DrainReason) -> bool {
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(reason);
+        self.draining.store(true, Ordering::SeqCst);
+        self.tx.send_if_modified(|p| {
+            if *p < Phase::Draining {
+                *p = Phase::Draining;
+                true
+            } else {
+                false
+            }
+        });
+        true
+    }
+
+    /// Closes everything now; returns false if that had already been asked.
+    pub(crate) fn hammer(&self) -> bool {
+        {
+            let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            slot.get_or_insert(DrainReason::Shutdown);
+        }
+        self.draining.store(true, Ordering::SeqCst);
+        self.tx.send_if_modified(|p| {
+            if *p < Phase::Hammer {
+                *p = Phase::Hammer;
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    pub(crate) fn draining_flag(&self) -> Arc<AtomicBool> {
+        self.draining.clone()
+    }
+}
+
+/// Per-connection facts the service learns from requests.
+#[derive(Debug, Default)]
+struct ConnFacts {
+    http2: AtomicBool,
+}
+
+/// Wraps the user's service: marks HTTP/2 connections, and during the drain adds
+/// `Connection: close` to HTTP/1.x responses.
+#[derive(Debug, Clone)]
+pub(crate) struct DrainService<S> {
+    inner: S,
+    draining: Arc<AtomicBool>,
+    facts: Arc<ConnFacts>,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for DrainService<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = DrainFuture<S::Future>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let http1 = req.version() < Version::HTTP_2;
+        if !http1 {
+            self.facts.http2.store(true, Ordering::Relaxed);
+        }
+        DrainFuture {
+            inner: self.inner.call(req),
+            close_when_draining: http1.then(|| self.draining.clone()),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`DrainService`].
+    pub(crate) struct DrainFuture<F> {
+        #[pin]
+        inner: F,
+        close_when_draining: Option<Arc<AtomicBool>>,
+    }
+}
+
+impl<F, B, E> Future for DrainFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut res = std::task::ready!(this.inner.poll(cx));
+        if let (Ok(resp), Some(draining)) = (&mut res, this.close_when_draining.as_ref()) {
+            if draining.load(Ordering::SeqCst) {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
+        Poll::Ready(res)
+    }
+}
+
+/// Serves one connection under the drain policy above; returns when it is closed.
+pub(crate) async fn serve_connection<IO, S, B>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    io: IO,
+    service: S,
+    mut phase: watch::Receiver<Phase>,
+    draining: Arc<AtomicBool>,
+    idle_grace: Duration,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let facts = Arc::new(ConnFacts::default());
+    let service = DrainService {
+        inner: service,
+        draining,
+        facts: facts.clone(),
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    // Look at the phase once at the start: a connection accepted during the drain is
+    // served under the drain's rules from its first byte.
+    phase.mark_changed();
+    let mut watching = true;
+    let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut shut_down = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = phase.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                    continue;
+                }
+                match *phase.borrow_and_update() {
+                    Phase::Serving => {}
+                    Phase::Draining => {
+                        if facts.http2.load(Ordering::Relaxed) {
+                            if !shut_down {
+                                shut_down = true;
+                                conn.as_mut().graceful_shutdown();
+                            }
+                        } else if grace.is_none() && !shut_down {
+                            grace = Some(Box::pin(tokio::time::sleep(idle_grace)));
+                        }
+                    }
+                    Phase::Hammer => return,
+                }
+            }
+            () = async { if let Some(g) = grace.as_mut() { g.await } }, if grace.is_some() => {
+                grace = None;
+                if !shut_down {
+                    shut_down = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}

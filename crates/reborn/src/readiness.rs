@@ -1,0 +1,64 @@
+//! Reporting readiness: the PID file, the service manager, and the previous generation.
+//!
+//! Order matters under systemd: the service manager hears `MAINPID=<this pid>` and
+//! `READY=1` *before* the previous generation does, because the previous generation exits
+//! soon after it hears, and systemd must already know who the main process is by then.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::server::Inner;
+
+/// Sends a notify message, logging (not failing) if it cannot be delivered: the receiver
+/// notices the silence (an upgrade times out and is rolled back, and says so).
+pub(crate) fn tell(socket: &OsStr, message: &str) {
+    if let Err(e) = crate::notify::send(socket, message) {
+        tracing::warn!(
+            socket = %socket.to_string_lossy(),
+            "cannot send {:?} to the notify socket: {e}",
+            message.trim_end()
+        );
+    }
+}
+
+/// Reports ready, once.
+pub(crate) fn report_ready(inner: &Arc<Inner>) {
+    if inner.ready.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let pid = std::process::id();
+    let addrs = {
+        let mut set = inner.listeners();
+        set.close_unclaimed();
+        set.addresses()
+    };
+    if inner.master_pid.is_none() {
+        if let Some(path) = &inner.config.pid_file {
+            if let Err(e) = write_pid_file(path, pid) {
+                tracing::error!("{e}");
+            }
+        }
+    }
+    let status = format!("STATUS=serving on {}\n", addrs.join(", "));
+    if let Some(manager) = inner.notify.manager() {
+        tell(manager, &format!("MAINPID={pid}\nREADY=1\n{status}"));
+    }
+    if let Some(previous) = inner.notify.previous_generation() {
+        tell(previous, &format!("READY=1\nMAINPID={pid}\n{status}"));
+    }
+    tracing::info!(pid, "ready: serving on {}", addrs.join(", "));
+}
+
+/// Writes `pid` to `path` atomically (a temporary file renamed over it).
+pub(crate) fn write_pid_file(path: &Path, pid: u32) -> crate::Result<()> {
+    let err = |source| crate::Error::PidFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{pid}.tmp"));
+    std::fs::write(&tmp, format!("{pid}\n")).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}

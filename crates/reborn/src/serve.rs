@@ -1,0 +1,210 @@
+//! Serving HTTP (HTTP/1.1 and HTTP/2 on one port) with the drain built in: the axum- and
+//! hyper-shaped entry points.
+//!
+//! Connections are served by hyper-util's `auto` builder, which detects HTTP/2 by its
+//! preface (h2c, prior knowledge) and otherwise speaks HTTP/1.1. Each connection runs in
+//! its own task under the policy of [`crate::drain`].
+
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio_util::task::TaskTracker;
+
+use crate::drain::{DrainReason, Phase};
+use crate::error::{Error, Result};
+use crate::listeners::{Listener, ListenerSocket};
+use crate::server::{Inner, Reborn};
+
+/// The error type services may return.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+enum Accepting {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Reborn {
+    /// Serves `service` on `listener` until the drain is over.
+    ///
+    /// `service` is any tower service of HTTP requests: an axum `Router`, a
+    /// `tower::ServiceBuilder` stack, or a hyper service turned into a tower one. Each
+    /// connection gets a clone.
+    ///
+    /// On the first call the signal handlers are installed; once every listener is served
+    /// the process reports ready (see [`crate::ReadyMode`]). Returns once this process has
+    /// stopped accepting (after an upgrade, `SIGTERM`, or [`Reborn::shutdown`]) and every
+    /// connection it accepted is finished or was closed at the drain deadline.
+    ///
+    /// ```no_run
+    /// use axum::{Router, routing::get};
+    ///
+    /// # async fn run() -> Result<(), reborn::Error> {
+    /// let reborn = reborn::Reborn::new()?;
+    /// let listener = reborn.listen("http", "127.0.0.1:8080")?;
+    /// let app = Router::new().route("/", get(|| async { "hello" }));
+    /// reborn.serve(listener, app).await
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// Outside a tokio runtime, or when signal handlers cannot be installed. Errors of
+    /// single connections are logged at debug level and never end the server.
+    pub async fn serve<S, B>(&self, listener: Listener, service: S) -> Result<()>
+    where
+        S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let inner = &self.inner;
+        inner.start()?;
+        let addr = listener.local_addr();
+        let accepting = match listener.into_socket() {
+            ListenerSocket::Tcp(l) => tokio::net::TcpListener::from_std(l).map(Accepting::Tcp),
+            ListenerSocket::Unix(l) => tokio::net::UnixListener::from_std(l).map(Accepting::Unix),
+        }
+        .map_err(|e| Error::io(format!("cannot register the listener on {addr}"), e))?;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http2().max_concurrent_streams(1024);
+        let conns = Connections {
+            builder: Arc::new(builder),
+            service: TowerToHyperService::new(service),
+            inner: inner.clone(),
+            tracker: TaskTracker::new(),
+        };
+        let mut phase = inner.drain.shutdown().receiver();
+        inner.serving_one();
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = phase.wait_for(|p| *p != Phase::Serving) => break,
+                accepted = accepting.accept(inner.config.tcp_nodelay) => accepted,
+            };
+            match accepted {
+                Ok(stream) => conns.spawn(stream),
+                Err(e) => accept_error(&addr, e).await,
+            }
+        }
+        if inner.drain.reason() == Some(DrainReason::Shutdown) && inner.drain.phase() == Phase::Draining {
+            // No successor will accept what is already queued: accept it, and serve it
+            // under the drain's rules, rather than let it be reset at exit.
+            let mut swept = 0;
+            while let Some(stream) = accepting.try_accept(inner.config.tcp_nodelay) {
+                conns.spawn(stream);
+                swept += 1;
+            }
+            if swept > 0 {
+                tracing::info!(swept, "served the connections still queued at shutdown");
+            }
+        }
+        drop(accepting);
+        conns.tracker.close();
+        let open = conns.tracker.len();
+        if open > 0 {
+            tracing::info!(addr = %addr, open, "waiting for open connections to finish");
+        }
+        conns.tracker.wait().await;
+        tracing::info!(addr = %addr, "drained");
+        Ok(())
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Accepting {
+    async fn accept(&self, nodelay: bool) -> std::io::Result<Stream> {
+        match self {
+            Accepting::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                if nodelay {
+                    let _ = s.set_nodelay(true);
+                }
+                Ok(Stream::Tcp(s))
+            }
+            Accepting::Unix(l) => Ok(Stream::Unix(l.accept().await?.0)),
+        }
+    }
+
+    fn try_accept(&self, nodelay: bool) -> Option<Stream> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self {
+            Accepting::Tcp(l) => match l.poll_accept(&mut cx) {
+                Poll::Ready(Ok((s, _))) => {
+                    if nodelay {
+                        let _ = s.set_nodelay(true);
+                    }
+                    Some(Stream::Tcp(s))
+                }
+                _ => None,
+            },
+            Accepting::Unix(l) => match l.poll_accept(&mut cx) {
+                Poll::Ready(Ok((s, _))) => Some(Stream::Unix(s)),
+                _ => None,
+            },
+        }
+    }
+}
+
+struct Connections<S> {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    service: TowerToHyperService<S>,
+    inner: Arc<Inner>,
+    tracker: TaskTracker,
+}
+
+impl<S, B> Connections<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    fn spawn(&self, stream: Stream) {
+        let builder = self.builder.clone();
+        let service = self.service.clone();
+        let phase = self.inner.drain.shutdown().receiver();
+        let draining = self.inner.drain.draining_flag();
+        let grace = self.inner.config.idle_grace;
+        match stream {
+            Stream::Tcp(io) => self.tracker.spawn(crate::drain::serve_connection(
+                builder, io, service, phase, draining, grace,
+            )),
+            Stream::Unix(io) => self.tracker.spawn(crate::drain::serve_connection(
+                builder, io, service, phase, draining, grace,
+            )),
+        };
+    }
+}
+
+/// Accept errors never end the server. Per-connection errors (the client gave up) are
+/// skipped; resource errors (out of file descriptors) pause accepting briefly instead of
+/// spinning.
+async fn accept_error(addr: &str, e: std::io::Error) {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted => {
+            tracing::debug!(addr, "accept: {e}");
+        }
+        _ => {
+            tracing::error!(
+                addr,
+                "accept failed: {e}; pausing accepts for 50 ms (raise the open-files limit, \
+                 `ulimit -n`, if this says too many open files)"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

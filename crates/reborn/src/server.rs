@@ -1,0 +1,482 @@
+//! [`Reborn`]: this process's share of the protocol — its listeners, its readiness, its
+//! signals, its drain — and the [`Builder`] that configures it.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use crate::drain::{DrainControl, DrainReason, Phase, Shutdown};
+use crate::error::{Error, Result};
+use crate::listeners::{DEFAULT_BACKLOG, ListenAddr, Listener, ListenerSet};
+use crate::signals::{Hook, Hooks, Signal, When};
+use crate::upgrade::{UpgradeError, Upgraded};
+
+/// When the process reports that it is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyMode {
+    /// Once every listener handed out by [`Reborn::listen`] is served by
+    /// [`Reborn::serve`] (the default).
+    Auto,
+    /// When the program calls [`Reborn::ready`]: for servers with their own accept loop,
+    /// or with work to do (warm caches, connect to a database) before serving.
+    Manual,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) drain_timeout: Duration,
+    pub(crate) idle_grace: Duration,
+    pub(crate) ready_timeout: Duration,
+    pub(crate) stop_timeout: Duration,
+    pub(crate) pid_file: Option<PathBuf>,
+    pub(crate) backlog: i32,
+    pub(crate) ready_mode: ReadyMode,
+    pub(crate) upgrade_on_sighup: bool,
+    pub(crate) tcp_nodelay: bool,
+    pub(crate) executable: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            drain_timeout: Duration::from_secs(60),
+            idle_grace: Duration::from_secs(1),
+            ready_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(5),
+            pid_file: None,
+            backlog: DEFAULT_BACKLOG,
+            ready_mode: ReadyMode::Auto,
+            upgrade_on_sighup: true,
+            tcp_nodelay: true,
+            executable: None,
+        }
+    }
+}
+
+/// Configures a [`Reborn`].
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// let reborn = reborn::Reborn::builder()
+///     .drain_timeout(Duration::from_secs(30))
+///     .idle_grace(Duration::from_millis(500))
+///     .pid_file("/run/app.pid")
+///     .on(reborn::Signal::Usr1, || println!("reopening logs"))
+///     .build()?;
+/// # Ok::<(), reborn::Error>(())
+/// ```
+#[derive(Debug, Default)]
+#[must_use]
+pub struct Builder {
+    config: Config,
+    hooks: Hooks,
+}
+
+impl Builder {
+    /// How long a drain may take before what is left is closed (the hammer). Default 60 s,
+    /// endless's hammer time.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// How long an idle HTTP/1.1 keep-alive connection is kept during a drain, so that a
+    /// client sending its next request gets an answer (with `Connection: close`) instead
+    /// of a reset. Default 1 s.
+    pub fn idle_grace(mut self, grace: Duration) -> Self {
+        self.config.idle_grace = grace;
+        self
+    }
+
+    /// How long a new generation may take to report ready before the upgrade is rolled
+    /// back. Default 30 s.
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.config.ready_timeout = timeout;
+        self
+    }
+
+    /// How long a rolled-back new generation gets to exit after `SIGTERM` before it is
+    /// killed. Default 5 s.
+    pub fn stop_timeout(mut self, timeout: Duration) -> Self {
+        self.config.stop_timeout = timeout;
+        self
+    }
+
+    /// A file that always holds the PID of the serving process (replaced atomically by
+    /// each generation once it is ready). Not written under the reborn master, which
+    /// keeps its own.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.pid_file = Some(path.into());
+        self
+    }
+
+    /// The listen backlog of sockets reborn binds. Default 4096 (capped by the kernel at
+    /// `net.core.somaxconn`).
+    pub fn backlog(mut self, backlog: i32) -> Self {
+        self.config.backlog = backlog;
+        self
+    }
+
+    /// When to report ready; see [`ReadyMode`].
+    pub fn ready_mode(mut self, mode: ReadyMode) -> Self {
+        self.config.ready_mode = mode;
+        self
+    }
+
+    /// Whether `SIGHUP` upgrades the process (default true). When false, `SIGHUP` runs
+    /// only its hooks; [`Reborn::upgrade`] still works.
+    pub fn upgrade_on_sighup(mut self, enabled: bool) -> Self {
+        self.config.upgrade_on_sighup = enabled;
+        self
+    }
+
+    /// Whether accepted TCP connections get `TCP_NODELAY` (default true).
+    pub fn tcp_nodelay(mut self, enabled: bool) -> Self {
+        self.config.tcp_nodelay = enabled;
+        self
+    }
+
+    /// The program an upgrade starts. Default: the path this process was started from
+    /// (`argv[0]` made absolute at start-up, so a binary replaced on disk is found).
+    pub fn executable(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.executable = Some(path.into());
+        self
+    }
+
+    /// Runs `hook` when `signal` arrives, after reborn's own action for it. This is how
+    /// `SIGUSR1` and `SIGTSTP`, which have no action of their own, are used.
+    pub fn on(self, signal: Signal, hook: impl Fn() + Send + Sync + 'static) -> Self {
+        self.after(signal, hook)
+    }
+
+    /// Runs `hook` when `signal` arrives, before reborn's own action.
+    pub fn before(mut self, signal: Signal, hook: impl Fn() + Send + Sync + 'static) -> Self {
+        self.hooks.add(signal, When::Before, Arc::new(hook) as Hook);
+        self
+    }
+
+    /// Runs `hook` when `signal` arrives, after reborn's own action has started.
+    pub fn after(mut self, signal: Signal, hook: impl Fn() + Send + Sync + 'static) -> Self {
+        self.hooks.add(signal, When::After, Arc::new(hook) as Hook);
+        self
+    }
+
+    /// Takes this process's inherited sockets and notify socket and builds the
+    /// [`Reborn`]. Needs no runtime. Call it once per process.
+    ///
+    /// # Errors
+    /// A malformed socket-activation environment ([`Error::Activation`]).
+    pub fn build(self) -> Result<Reborn> {
+        let env = crate::take_process_env()?;
+        match &env.ignored {
+            Some(crate::activation::Ignored::OtherPid(pid)) => tracing::warn!(
+                listen_pid = pid,
+                "LISTEN_FDS is set for another process (LISTEN_PID={pid}): ignoring it and \
+                 binding sockets; something handed its environment on"
+            ),
+            Some(crate::activation::Ignored::Absent) | None => {}
+        }
+        let process = crate::process_info();
+        let listeners = ListenerSet::new(env.sockets, self.config.backlog);
+        let inner = Inner {
+            exe: self.config.executable.clone().unwrap_or(process.exe.clone()),
+            process: process.clone(),
+            config: self.config,
+            hooks: self.hooks,
+            listeners: Mutex::new(listeners),
+            notify: NotifyTargets {
+                notify_socket: env.notify_socket,
+                upstream: env.upstream_notify_socket,
+                started_by_upgrade: env.started_by_upgrade,
+            },
+            master_pid: env.master_pid,
+            drain: DrainControl::new(),
+            ready: AtomicBool::new(false),
+            serving: AtomicUsize::new(0),
+            started: OnceLock::new(),
+            upgrade_lock: tokio::sync::Mutex::new(()),
+        };
+        Ok(Reborn {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+/// What this process was started as, captured at start-up.
+#[derive(Debug, Clone)]
+pub(crate) struct ProcessInfo {
+    pub(crate) exe: PathBuf,
+    pub(crate) arg0: OsString,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) cwd: Option<PathBuf>,
+}
+
+/// Where readiness and state go.
+#[derive(Debug)]
+pub(crate) struct NotifyTargets {
+    notify_socket: Option<OsString>,
+    upstream: Option<OsString>,
+    started_by_upgrade: bool,
+}
+
+impl NotifyTargets {
+    /// The service manager's socket (systemd's, or the reborn master's), if any.
+    pub(crate) fn manager(&self) -> Option<&OsString> {
+        if self.started_by_upgrade {
+            self.upstream.as_ref()
+        } else {
+            self.notify_socket.as_ref()
+        }
+    }
+
+    /// The previous generation's socket, when a self-upgrade started this process.
+    pub(crate) fn previous_generation(&self) -> Option<&OsString> {
+        if self.started_by_upgrade {
+            self.notify_socket.as_ref()
+        } else {
+            None
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) exe: PathBuf,
+    pub(crate) process: ProcessInfo,
+    pub(crate) config: Config,
+    pub(crate) hooks: Hooks,
+    pub(crate) listeners: Mutex<ListenerSet>,
+    pub(crate) notify: NotifyTargets,
+    pub(crate) master_pid: Option<u32>,
+    pub(crate) drain: DrainControl,
+    pub(crate) ready: AtomicBool,
+    pub(crate) serving: AtomicUsize,
+    started: OnceLock<()>,
+    pub(crate) upgrade_lock: tokio::sync::Mutex<()>,
+}
+
+impl Inner {
+    pub(crate) fn listeners(&self) -> std::sync::MutexGuard<'_, ListenerSet> {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the drain (once) and arms the deadline. Returns false if it had started.
+    pub(crate) fn begin_drain(self: &Arc<Self>, reason: DrainReason) -> bool {
+        if !self.drain.begin(reason) {
+            return false;
+        }
+        match reason {
+            DrainReason::Upgraded { successor } => tracing::info!(
+                successor,
+                "handed over to pid {successor}: no longer accepting; draining"
+            ),
+            DrainReason::Shutdown => {
+                tracing::info!("shutting down: no longer accepting; draining");
+                if let Some(manager) = self.notify.manager() {
+                    crate::readiness::tell(manager, "STOPPING=1\nSTATUS=draining\n");
+                }
+                self.listeners().close_all();
+            }
+        }
+        let deadline = self.config.drain_timeout;
+        let inner = self.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                tokio::time::sleep(deadline).await;
+                if inner.drain.hammer() {
+                    tracing::warn!(
+                        "drain deadline of {deadline:?} reached: closing the connections that are left"
+                    );
+                }
+            });
+        }
+        true
+    }
+
+    /// Closes everything now.
+    pub(crate) fn hammer(&self) {
+        if self.drain.hammer() {
+            tracing::warn!("hammer: closing every connection now");
+            self.listeners().close_all();
+        }
+    }
+
+    /// Installs signal handlers and starts the task that acts on them, once.
+    pub(crate) fn start(self: &Arc<Self>) -> Result<()> {
+        if self.started.get().is_some() {
+            return Ok(());
+        }
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::Runtime(std::io::Error::other(
+                "reborn's serve() and ready() must run inside a tokio runtime",
+            ))
+        })?;
+        let mut signals = crate::signals::Signals::install(&self.hooks).map_err(Error::Runtime)?;
+        if self.started.set(()).is_err() {
+            return Ok(());
+        }
+        let inner = self.clone();
+        handle.spawn(async move {
+            loop {
+                let signal = signals.recv().await;
+                inner.on_signal(signal);
+            }
+        });
+        Ok(())
+    }
+
+    fn on_signal(self: &Arc<Self>, signal: Signal) {
+        tracing::info!(%signal, "signal received");
+        self.hooks.run(signal, When::Before);
+        match signal {
+            Signal::Hup => {
+                if let Some(master) = self.master_pid {
+                    tracing::info!(
+                        "SIGHUP ignored: this process runs under the reborn master (pid {master}), \
+                         which does the upgrades; send SIGHUP to the master or run `reborn upgrade`"
+                    );
+                } else if !self.config.upgrade_on_sighup {
+                    tracing::info!("SIGHUP: upgrades on SIGHUP are turned off");
+                } else {
+                    let inner = self.clone();
+                    tokio::spawn(async move {
+                        match crate::upgrade::upgrade(&inner).await {
+                            Ok(done) => tracing::info!(
+                                pid = done.pid,
+                                took_ms = done.took.as_millis() as u64,
+                                "upgrade committed: pid {} serves", done.pid
+                            ),
+                            Err(e) => tracing::error!("upgrade failed: {e}"),
+                        }
+                    });
+                }
+            }
+            Signal::Term => {
+                if !self.begin_drain(DrainReason::Shutdown) {
+                    tracing::info!("already draining; send SIGUSR2 to close connections now");
+                }
+            }
+            Signal::Int => {
+                if !self.begin_drain(DrainReason::Shutdown) {
+                    self.hammer();
+                }
+            }
+            Signal::Usr2 => self.hammer(),
+            Signal::Usr1 | Signal::Tstp => {}
+        }
+        self.hooks.run(signal, When::After);
+    }
+
+    /// One more listener is being served; in auto mode, report ready once all are.
+    pub(crate) fn serving_one(self: &Arc<Self>) {
+        let now = self.serving.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.config.ready_mode == ReadyMode::Auto && now >= self.listeners().handed_count() {
+            crate::readiness::report_ready(self);
+        }
+    }
+}
+
+/// This process's reborn state: listeners, readiness, signals, upgrades and drain.
+///
+/// Cheap to clone (an `Arc`). Build one per process with [`Reborn::builder`], early in
+/// `main` (see [`crate::init`]).
+#[derive(Clone)]
+pub struct Reborn {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Reborn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reborn")
+            .field("exe", &self.inner.exe)
+            .field("phase", &self.inner.drain.phase())
+            .field("master_pid", &self.inner.master_pid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reborn {
+    /// A [`Builder`] with the defaults.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// A `Reborn` with the defaults.
+    ///
+    /// # Errors
+    /// As [`Builder::build`].
+    pub fn new() -> Result<Reborn> {
+        Builder::default().build()
+    }
+
+    /// A listener named `name` on `addr` (`host:port` or a Unix socket path): the
+    /// inherited one of that name, else the inherited one bound to that address, else a
+    /// new one. Every listener asked for is handed on at an upgrade.
+    ///
+    /// # Errors
+    /// A bad address, a port in use, a permission problem, or an inherited socket of the
+    /// wrong kind; each message names the address.
+    pub fn listen(&self, name: &str, addr: &str) -> Result<Listener> {
+        let addr = ListenAddr::parse(addr)?;
+        self.inner.listeners().listen(Some(name), &addr)
+    }
+
+    /// As [`listen`](Self::listen), with an already parsed address and an optional name
+    /// (an unnamed listener is found again by its address only).
+    ///
+    /// # Errors
+    /// As [`listen`](Self::listen).
+    pub fn listen_on(&self, name: Option<&str>, addr: &ListenAddr) -> Result<Listener> {
+        self.inner.listeners().listen(name, addr)
+    }
+
+    /// Reports that this process is ready (for [`ReadyMode::Manual`], or a server with its
+    /// own accept loop): installs the signal handlers if not yet done, writes the PID
+    /// file, and tells whoever started it. Idempotent. Must run inside a tokio runtime.
+    ///
+    /// # Errors
+    /// Outside a tokio runtime, or when the signal handlers cannot be installed.
+    pub fn ready(&self) -> Result<()> {
+        self.inner.start()?;
+        crate::readiness::report_ready(&self.inner);
+        Ok(())
+    }
+
+    /// Upgrades now, as `SIGHUP` does: starts the program on disk with the listeners and
+    /// waits for it to be ready (then this process drains) or to fail (then this process
+    /// keeps serving). Resolves with the new process's PID once the handover is done.
+    ///
+    /// # Errors
+    /// [`UpgradeError`] says why the upgrade did not happen; this process keeps serving.
+    pub async fn upgrade(&self) -> Result<Upgraded, UpgradeError> {
+        crate::upgrade::upgrade(&self.inner).await
+    }
+
+    /// Starts a graceful shutdown, as `SIGTERM` does.
+    pub fn shutdown(&self) {
+        self.inner.begin_drain(DrainReason::Shutdown);
+    }
+
+    /// Closes every connection now, as `SIGUSR2` does.
+    pub fn hammer(&self) {
+        self.inner.hammer();
+    }
+
+    /// A view of the drain, for servers with their own accept loop.
+    pub fn shutdown_signal(&self) -> Shutdown {
+        self.inner.drain.shutdown()
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.inner.drain.phase()
+    }
+
+    /// The reborn master's PID, when this process runs under one.
+    pub fn master_pid(&self) -> Option<u32> {
+        self.inner.master_pid
+    }
+}

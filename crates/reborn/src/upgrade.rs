@@ -1,0 +1,277 @@
+//! The upgrade: start the next generation with the listeners, wait for it to be ready or
+//! to fail, then commit (this process drains) or roll back (the new one is stopped, this
+//! one keeps serving).
+//!
+//! ```text
+//!  serving ──SIGHUP / upgrade()──▶ spawning ──READY=1──▶ committed: stop accepting, drain, exit
+//!     ▲                               │
+//!     └── exit / exec error / timeout ┘ rolled back: the new process is stopped, the reason logged
+//! ```
+//!
+//! One upgrade at a time: a request while one runs is refused and reported, never queued.
+//! Once the new process is ready, *it* serves and takes the next upgrade, while this one
+//! may still drain long requests: deploys in quick succession all take effect.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::activation::{ENV_NOTIFY_SOCKET, ENV_UPSTREAM_NOTIFY};
+use crate::drain::{DrainReason, Phase};
+use crate::notify::NotifyReceiver;
+use crate::readiness::tell;
+use crate::server::Inner;
+use crate::spawn::SpawnSpec;
+
+/// A finished upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upgraded {
+    /// The new generation's PID.
+    pub pid: u32,
+    /// From the start of the upgrade to the new generation's `READY=1`.
+    pub took: Duration,
+}
+
+/// Why an upgrade did not happen. In every case the current process keeps serving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpgradeError {
+    /// Another upgrade is under way.
+    #[error("an upgrade is already in progress; this request was ignored, not queued (retry once it is done)")]
+    InProgress,
+    /// This process has handed over, or is shutting down.
+    #[error(
+        "this process (pid {pid}) is draining and no longer serves: upgrade the serving process \
+         instead (its PID is in the PID file)"
+    )]
+    Draining {
+        /// This process's PID.
+        pid: u32,
+    },
+    /// The reborn master does the upgrades.
+    #[error(
+        "this process runs under the reborn master (pid {master}), which does the upgrades: run \
+         `reborn upgrade` or send SIGHUP to pid {master}"
+    )]
+    UnderMaster {
+        /// The master's PID.
+        master: u32,
+    },
+    /// The binary is not there.
+    #[error(
+        "the binary {path} is gone: put the new version at that path, then upgrade again \
+         (the running version keeps serving)"
+    )]
+    BinaryMissing {
+        /// The path.
+        path: std::path::PathBuf,
+    },
+    /// The binary cannot be executed.
+    #[error("{path} is not executable ({reason}): fix it (e.g. chmod +x), then upgrade again (the running version keeps serving)")]
+    NotExecutable {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Starting the new process failed otherwise.
+    #[error("cannot start {path}: {source} (the running version keeps serving)")]
+    Spawn {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The new process exited before it was ready.
+    #[error(
+        "the new process (pid {pid}) {status} before it was ready; its own output says why \
+         (the running version keeps serving)"
+    )]
+    Exited {
+        /// Its PID.
+        pid: u32,
+        /// How it ended.
+        status: String,
+    },
+    /// The new process did not report ready in time.
+    #[error(
+        "the new process (pid {pid}) was not ready within {timeout:?} and was stopped (the \
+         running version keeps serving); if start-up is really that slow, raise the ready \
+         timeout"
+    )]
+    NotReady {
+        /// Its PID.
+        pid: u32,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// The readiness socket could not be made or read.
+    #[error("cannot listen for the new process's readiness: {0}")]
+    Notify(#[source] std::io::Error),
+}
+
+/// Runs one upgrade.
+pub(crate) async fn upgrade(inner: &Arc<Inner>) -> Result<Upgraded, UpgradeError> {
+    if let Some(master) = inner.master_pid {
+        return Err(UpgradeError::UnderMaster { master });
+    }
+    let _one_at_a_time = inner
+        .upgrade_lock
+        .try_lock()
+        .map_err(|_| UpgradeError::InProgress)?;
+    if inner.drain.phase() != Phase::Serving {
+        return Err(UpgradeError::Draining {
+            pid: std::process::id(),
+        });
+    }
+    let started = Instant::now();
+    let path = inner.exe.clone();
+    check_executable(&path)?;
+    tracing::info!(path = %path.display(), "upgrading: starting the binary on disk");
+    let manager = inner.notify.manager().cloned();
+    if let Some(m) = &manager {
+        tell(m, "RELOADING=1\nSTATUS=upgrading\n");
+    }
+    let result = spawn_and_wait(inner, &path, manager.as_deref(), started).await;
+    if let Err(e) = &result {
+        if let Some(m) = &manager {
+            tell(m, &format!("READY=1\nSTATUS=upgrade failed: {e}\n"));
+        }
+    }
+    result
+}
+
+fn check_executable(path: &std::path::Path) -> Result<(), UpgradeError> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(UpgradeError::BinaryMissing {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(UpgradeError::Spawn {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        Ok(m) if !m.is_file() => Err(UpgradeError::NotExecutable {
+            path: path.to_path_buf(),
+            reason: "not a regular file".into(),
+        }),
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => Err(UpgradeError::NotExecutable {
+            path: path.to_path_buf(),
+            reason: "no execute permission".into(),
+        }),
+        Ok(_) => Ok(()),
+    }
+}
+
+async fn spawn_and_wait(
+    inner: &Arc<Inner>,
+    path: &std::path::Path,
+    manager: Option<&std::ffi::OsStr>,
+    started: Instant,
+) -> Result<Upgraded, UpgradeError> {
+    let receiver = NotifyReceiver::new().map_err(UpgradeError::Notify)?;
+    let mut child = {
+        let listeners = inner.listeners();
+        let p = &inner.process;
+        let mut spec = SpawnSpec::new(path)
+            .arg0(p.arg0.clone())
+            .args(p.args.iter().cloned())
+            .envs(p.env.iter().cloned())
+            .env(ENV_NOTIFY_SOCKET, receiver.address())
+            .env(ENV_UPSTREAM_NOTIFY, manager.unwrap_or_default());
+        if let Some(dir) = &p.cwd {
+            spec = spec.current_dir(dir);
+        }
+        for (fd, name) in listeners.handed() {
+            spec = spec.socket(fd, name);
+        }
+        let spawn_err = |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::NotFound => UpgradeError::BinaryMissing {
+                path: path.to_path_buf(),
+            },
+            std::io::ErrorKind::PermissionDenied => UpgradeError::NotExecutable {
+                path: path.to_path_buf(),
+                reason: source.to_string(),
+            },
+            _ if source.raw_os_error() == Some(libc::ENOEXEC) => UpgradeError::NotExecutable {
+                path: path.to_path_buf(),
+                reason: "not a program this system can run".into(),
+            },
+            _ => UpgradeError::Spawn {
+                path: path.to_path_buf(),
+                source,
+            },
+        };
+        let command = spec.command().map_err(spawn_err)?;
+        tokio::process::Command::from(command)
+            .spawn()
+            .map_err(spawn_err)?
+    };
+    let pid = child.id().unwrap_or(0);
+    tracing::info!(pid, "new process started; waiting for it to be ready");
+    let timeout = inner.config.ready_timeout;
+    let outcome = tokio::select! {
+        ready = receiver.wait_ready() => ready.map(|_| ()).map_err(UpgradeError::Notify),
+        status = child.wait() => Err(UpgradeError::Exited {
+            pid,
+            status: match status {
+                Ok(s) => describe_exit(s),
+                Err(e) => format!("could not be waited for ({e})"),
+            },
+        }),
+        () = tokio::time::sleep(timeout) => Err(UpgradeError::NotReady { pid, timeout }),
+    };
+    match outcome {
+        Ok(()) if inner.begin_drain(DrainReason::Upgraded { successor: pid }) => {
+            // Reap the new process if it ends while this one still drains.
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+            Ok(Upgraded {
+                pid,
+                took: started.elapsed(),
+            })
+        }
+        Ok(()) => {
+            // A shutdown began while the new process was starting: it must not serve.
+            stop(child, inner.config.stop_timeout);
+            Err(UpgradeError::Draining {
+                pid: std::process::id(),
+            })
+        }
+        Err(e) => {
+            stop(child, inner.config.stop_timeout);
+            Err(e)
+        }
+    }
+}
+
+/// Stops a rolled-back process: `SIGTERM` (it drains what it may have accepted), then
+/// `SIGKILL` after `grace`; reaped in the background.
+fn stop(mut child: tokio::process::Child, grace: Duration) {
+    let Some(pid) = child.id() else {
+        return;
+    };
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    tokio::spawn(async move {
+        if tokio::time::timeout(grace, child.wait()).await.is_err() {
+            tracing::warn!("the rolled-back process ignored SIGTERM for {grace:?}: killing it");
+            let _ = child.kill().await;
+        }
+    });
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => format!(
+            "was killed by signal {sig} ({})",
+            nix::sys::signal::Signal::try_from(sig)
+                .map(|s| s.as_str())
+                .unwrap_or("?")
+        ),
+        _ => "ended".into(),
+    }
+}
