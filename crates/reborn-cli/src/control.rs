@@ -1,0 +1,284 @@
+//! The control socket: how `reborn upgrade|status|stop` talk to a running master.
+//!
+//! A Unix stream socket, mode 0600, whose peers are checked with `SO_PEERCRED`: only the
+//! master's own user and root are obeyed (the file mode already keeps others out; the
+//! check holds even if someone loosens it). The protocol is one request line
+//! (`upgrade`, `status` or `stop`) answered by one JSON line, a [`Reply`]. `upgrade`
+//! answers once the outcome is known; after answering `stop` the master keeps the
+//! connection open until it exits, so the client can wait for that.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc::UnboundedSender, oneshot};
+
+use crate::supervisor::Event;
+
+/// A command sent to the master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Start an upgrade and answer with its outcome.
+    Upgrade,
+    /// Answer with the state.
+    Status,
+    /// Stop gracefully.
+    Stop,
+}
+
+impl Request {
+    fn as_str(self) -> &'static str {
+        match self {
+            Request::Upgrade => "upgrade",
+            Request::Status => "status",
+            Request::Stop => "stop",
+        }
+    }
+
+    fn parse(line: &str) -> Option<Request> {
+        match line.trim() {
+            "upgrade" => Some(Request::Upgrade),
+            "status" => Some(Request::Status),
+            "stop" => Some(Request::Stop),
+            _ => None,
+        }
+    }
+}
+
+/// The master's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the command succeeded.
+    pub ok: bool,
+    /// What happened, for people.
+    pub message: String,
+    /// The state, for `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Reply {
+    /// A success.
+    pub fn ok(message: impl Into<String>) -> Reply {
+        Reply {
+            ok: true,
+            message: message.into(),
+            status: None,
+        }
+    }
+
+    /// A failure.
+    pub fn err(message: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            message: message.into(),
+            status: None,
+        }
+    }
+}
+
+/// The master's state, as `reborn status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The service name.
+    pub name: String,
+    /// The master's PID.
+    pub master_pid: u32,
+    /// The program as given.
+    pub program: String,
+    /// The generation of the serving worker (0 before the first is ready).
+    pub generation: u64,
+    /// `starting`, `serving`, `upgrading`, `restarting` or `stopping`.
+    pub state: String,
+    /// Seconds since the master started.
+    pub uptime_secs: f64,
+    /// Every worker alive, newest first.
+    pub workers: Vec<WorkerStatus>,
+    /// The listeners handed to workers.
+    pub listeners: Vec<ListenerStatus>,
+    /// The last upgrade's outcome.
+    pub last_upgrade: Option<UpgradeStatus>,
+    /// Worker crashes since the master started.
+    pub crashes: u64,
+    /// Crashes in a row (reset once a worker stays up).
+    pub crashes_in_a_row: u32,
+}
+
+/// One worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Its generation.
+    pub generation: u64,
+    /// Its PID, once started.
+    pub pid: Option<u32>,
+    /// `starting`, `serving` or `draining`.
+    pub role: String,
+    /// Seconds since it was started.
+    pub uptime_secs: f64,
+    /// Its last `STATUS=` message.
+    pub status: Option<String>,
+}
+
+/// One listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// Its name in `LISTEN_FDNAMES`.
+    pub name: Option<String>,
+    /// Where it listens.
+    pub address: String,
+}
+
+/// The outcome of an upgrade.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpgradeStatus {
+    /// The generation it started.
+    pub generation: u64,
+    /// Whether the new worker took over.
+    pub ok: bool,
+    /// What happened.
+    pub message: String,
+    /// From its start to its outcome, in milliseconds.
+    pub duration_ms: u64,
+    /// Seconds since its outcome.
+    pub ago_secs: f64,
+}
+
+/// Binds the control socket at `path` (mode 0600). A stale socket file is replaced; a
+/// live one means another master runs under that name.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if path.exists() {
+        match StdUnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "another reborn master is running with the control socket {}; stop it \
+                         (`reborn stop --control {}`) or give this one another --name",
+                        path.display(),
+                        path.display()
+                    ),
+                ));
+            }
+            Err(_) => std::fs::remove_file(path)?,
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot create the control socket {}: {e}", path.display()),
+        )
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Answers control connections until the runtime ends.
+pub fn serve(listener: UnixListener, events: UnboundedSender<Event>) {
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(handle(stream, events.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+}
+
+async fn handle(stream: UnixStream, events: UnboundedSender<Event>) {
+    let me = nix::unistd::geteuid().as_raw();
+    let peer = stream.peer_cred().map(|c| c.uid()).ok();
+    let (read, mut write) = stream.into_split();
+    let reply = match peer {
+        Some(uid) if uid == me || uid == 0 => {
+            let mut line = String::new();
+            let mut reader = tokio::io::BufReader::new(read).take(256);
+            let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line));
+            match read.await {
+                Ok(Ok(_)) => match Request::parse(&line) {
+                    Some(request) => ask(request, &events).await,
+                    None => Reply::err(format!(
+                        "unknown request {:?}; expected upgrade, status or stop",
+                        line.trim()
+                    )),
+                },
+                _ => return,
+            }
+        }
+        Some(uid) => {
+            tracing::warn!(uid, "control socket: refused a command from another user");
+            Reply::err(format!(
+                "refused: this master runs as uid {me} and obeys only that user and root \
+                 (you are uid {uid}); run the command as uid {me} or root"
+            ))
+        }
+        None => Reply::err("refused: cannot read the peer's credentials"),
+    };
+    let stop = reply.ok && reply.message.starts_with("stopping");
+    let mut text = serde_json::to_string(&reply).unwrap_or_else(|_| "{}".into());
+    text.push('\n');
+    if write.write_all(text.as_bytes()).await.is_err() {
+        return;
+    }
+    if stop {
+        // Keep the connection until the master exits: the client waits for EOF.
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn ask(request: Request, events: &UnboundedSender<Event>) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    if events.send(Event::Control { request, reply: tx }).is_err() {
+        return Reply::err("the master is exiting");
+    }
+    rx.await
+        .unwrap_or_else(|_| Reply::err("the master is exiting"))
+}
+
+/// Client side: sends `request` to the master at `path` and returns its reply. For
+/// `stop`, also waits until the master has exited.
+pub fn call(path: &PathBuf, request: Request) -> Result<Reply, String> {
+    let stream = StdUnixStream::connect(path).map_err(|e| {
+        let hint = match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                "is `reborn run` running? Give the same --name or --control as to `reborn run`"
+            }
+            io::ErrorKind::PermissionDenied => {
+                "the control socket belongs to another user; run this as the master's user or root"
+            }
+            _ => "check the path",
+        };
+        format!(
+            "cannot reach the reborn master at {}: {e}; {hint}",
+            path.display()
+        )
+    })?;
+    let mut writer = &stream;
+    writer
+        .write_all(format!("{}\n", request.as_str()).as_bytes())
+        .map_err(|e| format!("cannot send to the master: {e}"))?;
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("no answer from the master: {e}"))?;
+    if line.is_empty() {
+        return Err("the master closed the connection without answering".into());
+    }
+    let reply: Reply = serde_json::from_str(&line)
+        .map_err(|e| format!("cannot read the master's answer ({e}): {line:?}"))?;
+    if request == Request::Stop && reply.ok {
+        let mut rest = Vec::new();
+        let _ = io::Read::read_to_end(&mut reader, &mut rest);
+    }
+    Ok(reply)
+}

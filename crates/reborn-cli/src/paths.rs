@@ -1,0 +1,152 @@
+//! Where the control socket and the PID file live.
+//!
+//! The control socket must be found again by `reborn upgrade|status|stop` without the user
+//! repeating a path, so its default location derives from the service's name in a
+//! per-user directory: `$XDG_RUNTIME_DIR/reborn/NAME.sock` (systemd's per-user runtime
+//! directory, cleaned at logout) or, without it, `/tmp/reborn-UID/NAME.sock`. The
+//! directory is created private (0700) and must belong to this user: a directory in
+//! `/tmp` that someone else made first could otherwise be used to intercept commands.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::cli::ControlArgs;
+
+/// The directory that holds this user's default control sockets.
+pub fn default_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() && dir.is_dir() => dir.join("reborn"),
+        _ => std::env::temp_dir().join(format!("reborn-{}", nix::unistd::geteuid())),
+    }
+}
+
+/// A service name derived from the program: its file name, with characters unfit for a
+/// file name replaced by `_`.
+pub fn name_from_program(program: &OsStr) -> String {
+    let base = Path::new(program)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "server".into());
+    let clean: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let clean = clean.trim_start_matches('.').to_owned();
+    if clean.is_empty() {
+        "server".into()
+    } else {
+        clean
+    }
+}
+
+/// The control socket path for `reborn run`, creating the default directory if needed.
+pub fn control_path_for_run(args: &ControlArgs, program: &OsStr) -> io::Result<PathBuf> {
+    if let Some(path) = &args.control {
+        return Ok(path.clone());
+    }
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| name_from_program(program));
+    let dir = default_dir();
+    ensure_private_dir(&dir)?;
+    Ok(dir.join(format!("{name}.sock")))
+}
+
+/// The control socket path for a client command.
+pub fn control_path_for_client(args: &ControlArgs) -> Result<PathBuf, String> {
+    if let Some(path) = &args.control {
+        return Ok(path.clone());
+    }
+    let dir = default_dir();
+    if let Some(name) = &args.name {
+        return Ok(dir.join(format!("{name}.sock")));
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension() == Some(OsStr::new("sock")))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(format!(
+            "no reborn master of this user was found (no control socket in {}); is `reborn \
+             run` running as this user? Give --name NAME or --control PATH as given to `reborn run`",
+            dir.display()
+        )),
+        _ => Err(format!(
+            "several reborn masters are running ({}); pick one with --name",
+            found
+                .iter()
+                .filter_map(|p| p.file_stem())
+                .map(|s| s.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// Creates `dir` with mode 0700, or checks that the existing one belongs to this user and
+/// is not writable by others.
+fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot create the control socket directory {}: {e}; give --control PATH",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    let meta = std::fs::metadata(dir)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me || meta.permissions().mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a private directory of this user (uid {me}); remove it or give --control PATH",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `pid` to `path` atomically (write a temporary file, rename it over).
+pub fn write_pid_file(path: &Path, pid: u32) -> io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{pid}"));
+    std::fs::write(&tmp, format!("{pid}\n"))?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(name_from_program(OsStr::new("/usr/bin/my app")), "my_app");
+        assert_eq!(name_from_program(OsStr::new("gunicorn")), "gunicorn");
+        assert_eq!(name_from_program(OsStr::new(".hidden")), "hidden");
+        assert_eq!(name_from_program(OsStr::new("/")), "server");
+    }
+}

@@ -1,0 +1,843 @@
+//! The supervisor: the master's state machine, driven by one event loop.
+//!
+//! Everything that changes the master's state happens on one task, in [`Supervisor::run`]:
+//! signals, child exits (through the [`reaper`](crate::reaper)), readiness reports,
+//! timers, spawn outcomes and control commands all arrive here as [`Event`]s or signal
+//! wake-ups, so no state is shared and no lock is needed. Timers are small tasks that
+//! send an event naming the generation they are for; an event for a generation that has
+//! moved on is ignored.
+//!
+//! A worker is `starting` (spawned, not ready), `serving` (the current generation) or
+//! `draining` (told to stop, `SIGKILL` at its deadline). Starting workers have a purpose:
+//! an *upgrade* replaces the serving worker when it becomes ready and is rolled back if it
+//! fails; a *replacement* starts a worker when none serves (the first one, or after a
+//! crash). At most one upgrade is in flight; many generations may drain at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use reborn::notify::{NotifyMessage, NotifyReceiver};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+
+use crate::cli::ReadyMode;
+use crate::control::{ListenerStatus, Reply, Request, Status, UpgradeStatus, WorkerStatus};
+use crate::reaper;
+use crate::sdnotify::Upstream;
+use crate::spawner::{SpawnJob, Spawner};
+
+/// The first wait before restarting a crashed worker; it doubles up to the ceiling.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// A worker that served this long was healthy: the crash count starts over.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// From this many crashes in a row the master says the worker keeps crashing.
+const CRASH_LOOP: u32 = 5;
+
+/// Something that happened, for the supervisor to act on.
+#[derive(Debug)]
+pub enum Event {
+    /// The spawning thread started (or failed to start) a worker.
+    Spawned {
+        /// The worker's generation.
+        generation: u64,
+        /// Its PID, or why it could not start.
+        result: io::Result<u32>,
+    },
+    /// A worker sent a notify datagram.
+    Notify {
+        /// The worker's generation.
+        generation: u64,
+        /// What it said.
+        message: NotifyMessage,
+    },
+    /// A readiness probe succeeded.
+    ProbeReady {
+        /// The worker's generation.
+        generation: u64,
+    },
+    /// A starting worker's readiness deadline passed.
+    ReadyTimeout {
+        /// The worker's generation.
+        generation: u64,
+    },
+    /// A draining worker's deadline passed.
+    DrainDeadline {
+        /// The worker's generation.
+        generation: u64,
+    },
+    /// The back-off wait before a restart is over.
+    Restart {
+        /// Which scheduled restart this is; stale ones are ignored.
+        token: u64,
+    },
+    /// A command from the control socket.
+    Control {
+        /// The command.
+        request: Request,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Reply>,
+    },
+}
+
+/// What the supervisor runs, and how.
+#[derive(Debug)]
+pub struct Config {
+    /// The service name.
+    pub name: String,
+    /// The program as given (looked up again at each start).
+    pub program: OsString,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// The environment passed on to workers (the protocol variables excluded).
+    pub env: Vec<(OsString, OsString)>,
+    /// How readiness is detected.
+    pub ready: ReadyMode,
+    /// How long a worker may take to be ready.
+    pub ready_timeout: Duration,
+    /// The signal that starts a worker's drain.
+    pub stop_signal: Signal,
+    /// How long a worker may drain.
+    pub drain_timeout: Duration,
+    /// The longest back-off between restarts.
+    pub backoff_max: Duration,
+    /// The listeners, for `status`.
+    pub listeners: Vec<ListenerStatus>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Upgrade,
+    Replace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Starting(Purpose),
+    Serving,
+    Draining,
+}
+
+#[derive(Debug)]
+struct Worker {
+    generation: u64,
+    pid: Option<u32>,
+    started: Instant,
+    ready_at: Option<Instant>,
+    role: Role,
+    stop_sent: bool,
+    status: Option<String>,
+    _notify: Arc<NotifyReceiver>,
+    watcher: AbortHandle,
+    probe: Option<AbortHandle>,
+}
+
+impl Worker {
+    fn label(&self) -> String {
+        match self.pid {
+            Some(pid) => format!("generation {} (pid {pid})", self.generation),
+            None => format!("generation {}", self.generation),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.watcher.abort();
+        if let Some(p) = &self.probe {
+            p.abort();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct UpgradeInFlight {
+    generation: u64,
+    started: Instant,
+    waiters: Vec<oneshot::Sender<Reply>>,
+}
+
+#[derive(Debug)]
+struct UpgradeOutcome {
+    generation: u64,
+    ok: bool,
+    message: String,
+    duration: Duration,
+    at: Instant,
+}
+
+/// The master's state.
+pub struct Supervisor {
+    cfg: Config,
+    events: UnboundedSender<Event>,
+    spawner: Spawner,
+    upstream: Upstream,
+    started: Instant,
+    workers: BTreeMap<u64, Worker>,
+    pids: HashMap<u32, u64>,
+    spawning: usize,
+    last_generation: u64,
+    current: Option<u64>,
+    upgrade: Option<UpgradeInFlight>,
+    last_upgrade: Option<UpgradeOutcome>,
+    crashes: u64,
+    crashes_in_a_row: u32,
+    restart_token: u64,
+    stopping: bool,
+    ever_ready: bool,
+}
+
+/// Formats a duration for people: `85ms`, `2.5s`.
+pub fn human(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else if d < Duration::from_secs(60) {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}m{}s", d.as_secs() / 60, d.as_secs() % 60)
+    }
+}
+
+impl Supervisor {
+    /// A supervisor with no worker yet.
+    pub fn new(
+        cfg: Config,
+        events: UnboundedSender<Event>,
+        spawner: Spawner,
+        upstream: Upstream,
+    ) -> Supervisor {
+        Supervisor {
+            cfg,
+            events,
+            spawner,
+            upstream,
+            started: Instant::now(),
+            workers: BTreeMap::new(),
+            pids: HashMap::new(),
+            spawning: 0,
+            last_generation: 0,
+            current: None,
+            upgrade: None,
+            last_upgrade: None,
+            crashes: 0,
+            crashes_in_a_row: 0,
+            restart_token: 0,
+            stopping: false,
+            ever_ready: false,
+        }
+    }
+
+    /// Starts the first worker and runs until the master has stopped and every worker has
+    /// exited.
+    pub async fn run(mut self, mut events: UnboundedReceiver<Event>) -> io::Result<()> {
+        let mut chld = signal(SignalKind::child())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
+        let mut usr2 = signal(SignalKind::user_defined2())?;
+
+        if let Err(reason) = self.start_worker(Purpose::Replace) {
+            return Err(io::Error::other(reason));
+        }
+        loop {
+            tokio::select! {
+                _ = chld.recv() => self.reap_children(),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: upgrading");
+                    self.request_upgrade(None);
+                }
+                _ = term.recv() => self.request_stop("SIGTERM", true),
+                _ = int.recv() => self.request_stop("SIGINT", true),
+                _ = usr1.recv() => self.forward(Signal::SIGUSR1),
+                _ = usr2.recv() => self.forward(Signal::SIGUSR2),
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event),
+                    None => break,
+                },
+            }
+            if self.stopping && self.workers.is_empty() && self.spawning == 0 {
+                break;
+            }
+        }
+        tracing::info!("every worker has exited; the master exits");
+        Ok(())
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Spawned { generation, result } => self.on_spawned(generation, result),
+            Event::Notify {
+                generation,
+                message,
+            } => self.on_notify(generation, message),
+            Event::ProbeReady { generation } => self.on_ready(generation, "probe"),
+            Event::ReadyTimeout { generation } => self.on_ready_timeout(generation),
+            Event::DrainDeadline { generation } => self.on_drain_deadline(generation),
+            Event::Restart { token } => self.on_restart(token),
+            Event::Control { request, reply } => match request {
+                Request::Status => {
+                    let mut r = Reply::ok("status");
+                    r.status = Some(self.status());
+                    let _ = reply.send(r);
+                }
+                Request::Upgrade => self.request_upgrade(Some(reply)),
+                Request::Stop => {
+                    let pid = std::process::id();
+                    let _ = reply.send(Reply::ok(format!("stopping the master (pid {pid})")));
+                    self.request_stop("a stop command", false);
+                }
+            },
+        }
+    }
+
+    // ---- starting workers -------------------------------------------------------------
+
+    fn start_worker(&mut self, purpose: Purpose) -> Result<u64, String> {
+        let program = reborn::spawn::resolve_program(&self.cfg.program).ok_or_else(|| {
+            format!(
+                "cannot find {:?} in PATH; give the program's path",
+                self.cfg.program
+            )
+        })?;
+        if !reborn::spawn::is_executable_file(&program) {
+            return Err(format!(
+                "{} is missing or not an executable file",
+                program.display()
+            ));
+        }
+        let notify = Arc::new(
+            NotifyReceiver::new()
+                .map_err(|e| format!("cannot create a notify socket for the worker: {e}"))?,
+        );
+        self.last_generation += 1;
+        let generation = self.last_generation;
+        let mut env = self.cfg.env.clone();
+        env.push(("NOTIFY_SOCKET".into(), notify.address()));
+        env.push((
+            reborn::activation::ENV_MASTER_PID.into(),
+            std::process::id().to_string().into(),
+        ));
+        let job = SpawnJob {
+            generation,
+            program,
+            arg0: self.cfg.program.clone(),
+            args: self.cfg.args.clone(),
+            env,
+        };
+        if self.spawner.spawn(job).is_err() {
+            return Err("the spawning thread has stopped".into());
+        }
+        self.spawning += 1;
+        let watcher =
+            crate::readiness::watch_notify(generation, notify.clone(), self.events.clone());
+        self.workers.insert(
+            generation,
+            Worker {
+                generation,
+                pid: None,
+                started: Instant::now(),
+                ready_at: None,
+                role: Role::Starting(purpose),
+                stop_sent: false,
+                status: None,
+                _notify: notify,
+                watcher,
+                probe: None,
+            },
+        );
+        self.after(self.cfg.ready_timeout, Event::ReadyTimeout { generation });
+        Ok(generation)
+    }
+
+    fn on_spawned(&mut self, generation: u64, result: io::Result<u32>) {
+        self.spawning = self.spawning.saturating_sub(1);
+        match result {
+            Ok(pid) => {
+                self.pids.insert(pid, generation);
+                let probe =
+                    crate::readiness::start_probe(generation, &self.cfg.ready, self.events.clone());
+                if let Some(w) = self.workers.get_mut(&generation) {
+                    w.pid = Some(pid);
+                    w.probe = probe;
+                    tracing::info!(generation, pid, "started a worker");
+                    if w.role == Role::Draining {
+                        // Told to stop while it was being started.
+                        self.stop_worker(generation);
+                    }
+                }
+            }
+            Err(e) => {
+                let reason = format!("could not be started: {e} (program {:?})", self.cfg.program);
+                self.worker_gone(generation, reason);
+            }
+        }
+        // A zombie that arrived while a spawn was in flight may be waiting.
+        self.reap_children();
+    }
+
+    fn on_notify(&mut self, generation: u64, message: NotifyMessage) {
+        let Some(w) = self.workers.get_mut(&generation) else {
+            return;
+        };
+        if let Some(status) = &message.status {
+            tracing::info!(worker = %w.label(), status = %status, "worker status");
+            w.status = Some(status.clone());
+            if self.current == Some(generation) {
+                self.upstream.status(status.clone());
+            }
+        }
+        if message.stopping {
+            tracing::info!(worker = %w.label(), "the worker is stopping");
+        }
+        if let Some(errno) = message.errno {
+            tracing::warn!(worker = %w.label(), errno, "the worker reports a failure");
+        }
+        if message.ready {
+            self.on_ready(generation, "READY=1");
+        }
+    }
+
+    fn on_ready(&mut self, generation: u64, how: &str) {
+        let Some(w) = self.workers.get_mut(&generation) else {
+            return;
+        };
+        let Role::Starting(purpose) = w.role else {
+            return;
+        };
+        if w.pid.is_none() {
+            // A READY=1 can only come from the started process; wait for its PID.
+            return;
+        }
+        if let Some(p) = w.probe.take() {
+            p.abort();
+        }
+        w.role = Role::Serving;
+        w.ready_at = Some(Instant::now());
+        let took = w.started.elapsed();
+        let label = w.label();
+        tracing::info!(worker = %label, took = %human(took), how, "the worker is ready");
+        let old = self.current.replace(generation);
+        // A pending restart is moot now.
+        self.restart_token += 1;
+        match purpose {
+            Purpose::Replace => {
+                if let Some(old) = old {
+                    self.stop_worker(old);
+                }
+                let text = format!("serving: {label}");
+                if self.ever_ready {
+                    self.upstream.status(text);
+                } else {
+                    self.upstream.ready(text);
+                }
+            }
+            Purpose::Upgrade => {
+                let old_label = old.and_then(|g| self.workers.get(&g)).map(|w| w.label());
+                if let Some(old) = old {
+                    self.stop_worker(old);
+                }
+                let message = match old_label {
+                    Some(o) => format!(
+                        "upgraded: {label} is serving (ready in {}); {o} is draining",
+                        human(took)
+                    ),
+                    None => format!("upgraded: {label} is serving (ready in {})", human(took)),
+                };
+                self.finish_upgrade(generation, true, message);
+            }
+        }
+        self.ever_ready = true;
+    }
+
+    fn on_ready_timeout(&mut self, generation: u64) {
+        let Some(w) = self.workers.get(&generation) else {
+            return;
+        };
+        let Role::Starting(purpose) = w.role else {
+            return;
+        };
+        let label = w.label();
+        let reason = format!(
+            "{label} was not ready within {} (--ready-timeout); it is being stopped",
+            human(self.cfg.ready_timeout)
+        );
+        self.stop_worker(generation);
+        match purpose {
+            Purpose::Upgrade => {
+                let msg = format!("upgrade failed: the new worker, {reason}");
+                self.finish_upgrade(generation, false, msg);
+                if self.current.is_none() {
+                    self.schedule_restart();
+                }
+            }
+            Purpose::Replace => {
+                tracing::warn!("{reason}");
+                self.note_crash(None);
+                self.schedule_restart();
+            }
+        }
+    }
+
+    // ---- stopping workers -------------------------------------------------------------
+
+    /// Tells a worker to drain (its stop signal) and arms its deadline.
+    fn stop_worker(&mut self, generation: u64) {
+        let drain = self.cfg.drain_timeout;
+        let sig = self.cfg.stop_signal;
+        let Some(w) = self.workers.get_mut(&generation) else {
+            return;
+        };
+        w.role = Role::Draining;
+        if let Some(p) = w.probe.take() {
+            p.abort();
+        }
+        if w.stop_sent {
+            return;
+        }
+        let Some(pid) = w.pid else {
+            // Still being spawned: stopped once its PID is known.
+            return;
+        };
+        w.stop_sent = true;
+        tracing::info!(worker = %w.label(), signal = %sig, drain = %human(drain), "stopping a worker");
+        if let Err(e) = kill(Pid::from_raw(pid as i32), sig) {
+            tracing::warn!(worker = %w.label(), error = %e, "cannot signal the worker");
+        }
+        self.after(drain, Event::DrainDeadline { generation });
+    }
+
+    fn on_drain_deadline(&mut self, generation: u64) {
+        if let Some(w) = self.workers.get(&generation)
+            && let Some(pid) = w.pid
+        {
+            tracing::warn!(
+                worker = %w.label(),
+                "the worker did not exit within the drain timeout ({}); killing it",
+                human(self.cfg.drain_timeout)
+            );
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+
+    fn forward(&self, sig: Signal) {
+        for w in self.workers.values() {
+            if matches!(w.role, Role::Serving | Role::Draining)
+                && let Some(pid) = w.pid
+            {
+                tracing::info!(worker = %w.label(), signal = %sig, "forwarding a signal");
+                let _ = kill(Pid::from_raw(pid as i32), sig);
+            }
+        }
+    }
+
+    fn request_stop(&mut self, why: &str, hammer_if_repeated: bool) {
+        if self.stopping {
+            if hammer_if_repeated {
+                tracing::warn!("{why} again while stopping: killing every worker");
+                for w in self.workers.values() {
+                    if let Some(pid) = w.pid {
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    }
+                }
+            }
+            return;
+        }
+        tracing::info!("{why}: stopping the workers, then the master");
+        self.stopping = true;
+        self.upstream.stopping();
+        self.restart_token += 1;
+        if let Some(up) = &self.upgrade {
+            let g = up.generation;
+            self.finish_upgrade(g, false, "upgrade abandoned: the master is stopping".into());
+        }
+        let gens: Vec<u64> = self.workers.keys().copied().collect();
+        for g in gens {
+            self.stop_worker(g);
+        }
+    }
+
+    // ---- exits and crashes --------------------------------------------------------------
+
+    fn reap_children(&mut self) {
+        loop {
+            let pid = match reaper::peek_exited() {
+                Ok(Some(pid)) => pid,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "waitid failed");
+                    return;
+                }
+            };
+            match self.pids.get(&pid).copied() {
+                Some(generation) => {
+                    let status = match reaper::reap(pid) {
+                        Ok(Some(s)) => s,
+                        _ => return,
+                    };
+                    self.pids.remove(&pid);
+                    self.worker_gone(generation, status.to_string());
+                }
+                // A failed exec's child is reaped by the spawning thread itself: leave
+                // unknown children alone while a spawn is in flight.
+                None if self.spawning > 0 => return,
+                None => match reaper::reap(pid) {
+                    Ok(Some(status)) => tracing::debug!(pid, %status, "reaped an orphan"),
+                    _ => return,
+                },
+            }
+        }
+    }
+
+    fn worker_gone(&mut self, generation: u64, reason: String) {
+        let Some(w) = self.workers.remove(&generation) else {
+            return;
+        };
+        let label = w.label();
+        let lived = w.started.elapsed();
+        match w.role {
+            Role::Draining => {
+                tracing::info!(worker = %label, after = %human(lived), "a stopped worker {reason}");
+            }
+            Role::Starting(Purpose::Upgrade) => {
+                let msg = format!(
+                    "upgrade failed: the new worker, {label}, {reason} before it was ready"
+                );
+                self.finish_upgrade(generation, false, msg);
+                if self.current.is_none() && !self.stopping {
+                    self.schedule_restart();
+                }
+            }
+            Role::Starting(Purpose::Replace) => {
+                tracing::warn!(worker = %label, "the worker {reason} before it was ready");
+                self.note_crash(None);
+                self.schedule_restart();
+            }
+            Role::Serving => {
+                if self.current == Some(generation) {
+                    self.current = None;
+                }
+                tracing::warn!(worker = %label, after = %human(lived), "the serving worker {reason}");
+                self.note_crash(w.ready_at);
+                if self.upgrade.is_none() {
+                    self.schedule_restart();
+                }
+            }
+        }
+    }
+
+    fn note_crash(&mut self, ready_at: Option<Instant>) {
+        if self.stopping {
+            return;
+        }
+        self.crashes += 1;
+        let stable = ready_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER);
+        self.crashes_in_a_row = if stable { 1 } else { self.crashes_in_a_row + 1 };
+    }
+
+    fn backoff(&self) -> Duration {
+        let n = self.crashes_in_a_row.saturating_sub(1).min(20);
+        (BACKOFF_START * 2u32.pow(n)).min(self.cfg.backoff_max)
+    }
+
+    fn schedule_restart(&mut self) {
+        if self.stopping || self.current.is_some() {
+            return;
+        }
+        let delay = self.backoff();
+        if self.crashes_in_a_row >= CRASH_LOOP {
+            let msg = format!(
+                "the worker keeps crashing ({} times in a row); retrying every {} until it \
+                 starts (fix the program, then `reborn upgrade` to try at once)",
+                self.crashes_in_a_row,
+                human(delay)
+            );
+            tracing::error!("{msg}");
+            self.upstream.status(msg);
+        } else {
+            tracing::info!(delay = %human(delay), "restarting the worker after a back-off");
+        }
+        self.restart_token += 1;
+        let token = self.restart_token;
+        self.after(delay, Event::Restart { token });
+    }
+
+    fn on_restart(&mut self, token: u64) {
+        if token != self.restart_token || self.stopping || self.current.is_some() {
+            return;
+        }
+        let starting = self
+            .workers
+            .values()
+            .any(|w| matches!(w.role, Role::Starting(_)));
+        if starting {
+            return;
+        }
+        if let Err(reason) = self.start_worker(Purpose::Replace) {
+            tracing::error!("cannot restart the worker: {reason}");
+            self.note_crash(None);
+            self.schedule_restart();
+        }
+    }
+
+    // ---- upgrades ---------------------------------------------------------------------
+
+    fn request_upgrade(&mut self, reply: Option<oneshot::Sender<Reply>>) {
+        let refuse = |reply: Option<oneshot::Sender<Reply>>, msg: String| {
+            tracing::warn!("upgrade refused: {msg}");
+            if let Some(r) = reply {
+                let _ = r.send(Reply::err(msg));
+            }
+        };
+        if self.stopping {
+            return refuse(reply, "the master is stopping".into());
+        }
+        if let Some(up) = &self.upgrade {
+            let msg = format!(
+                "an upgrade is already in progress (generation {}, started {} ago); wait for \
+                 its outcome, then upgrade again",
+                up.generation,
+                human(up.started.elapsed())
+            );
+            return refuse(reply, msg);
+        }
+        let started = Instant::now();
+        match self.start_worker(Purpose::Upgrade) {
+            Ok(generation) => {
+                self.upstream
+                    .reloading(format!("upgrading to generation {generation}"));
+                self.upgrade = Some(UpgradeInFlight {
+                    generation,
+                    started,
+                    waiters: reply.into_iter().collect(),
+                });
+            }
+            Err(reason) => {
+                let generation = self.last_generation + 1;
+                let msg = format!("upgrade failed: {reason}{}", self.keeps_serving());
+                tracing::warn!("{msg}");
+                self.last_upgrade = Some(UpgradeOutcome {
+                    generation,
+                    ok: false,
+                    message: msg.clone(),
+                    duration: started.elapsed(),
+                    at: Instant::now(),
+                });
+                if let Some(r) = reply {
+                    let _ = r.send(Reply::err(msg));
+                }
+            }
+        }
+    }
+
+    fn keeps_serving(&self) -> String {
+        match self.current.and_then(|g| self.workers.get(&g)) {
+            Some(w) => format!("; {} keeps serving", w.label()),
+            None => String::new(),
+        }
+    }
+
+    fn finish_upgrade(&mut self, generation: u64, ok: bool, message: String) {
+        let Some(up) = self.upgrade.take_if(|u| u.generation == generation) else {
+            return;
+        };
+        let message = if ok {
+            message
+        } else {
+            format!("{message}{}", self.keeps_serving())
+        };
+        let duration = up.started.elapsed();
+        if ok {
+            tracing::info!(duration = %human(duration), "{message}");
+        } else {
+            tracing::warn!(duration = %human(duration), "{message}");
+        }
+        for w in up.waiters {
+            let _ = w.send(if ok {
+                Reply::ok(message.clone())
+            } else {
+                Reply::err(message.clone())
+            });
+        }
+        if !self.stopping {
+            let label = self
+                .current
+                .and_then(|g| self.workers.get(&g))
+                .map(|w| format!("serving: {}", w.label()))
+                .unwrap_or_else(|| "no worker serves".into());
+            self.upstream.ready(label);
+        }
+        self.last_upgrade = Some(UpgradeOutcome {
+            generation,
+            ok,
+            message,
+            duration,
+            at: Instant::now(),
+        });
+    }
+
+    // ---- helpers ----------------------------------------------------------------------
+
+    fn after(&self, delay: Duration, event: Event) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(event);
+        });
+    }
+
+    fn status(&self) -> Status {
+        let state = if self.stopping {
+            "stopping"
+        } else if self.upgrade.is_some() {
+            "upgrading"
+        } else if self.current.is_some() {
+            "serving"
+        } else if self.ever_ready {
+            "restarting"
+        } else {
+            "starting"
+        };
+        Status {
+            name: self.cfg.name.clone(),
+            master_pid: std::process::id(),
+            program: self.cfg.program.to_string_lossy().into_owned(),
+            generation: self.current.unwrap_or(0),
+            state: state.into(),
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            workers: self
+                .workers
+                .values()
+                .rev()
+                .map(|w| WorkerStatus {
+                    generation: w.generation,
+                    pid: w.pid,
+                    role: match w.role {
+                        Role::Starting(_) => "starting",
+                        Role::Serving => "serving",
+                        Role::Draining => "draining",
+                    }
+                    .into(),
+                    uptime_secs: w.started.elapsed().as_secs_f64(),
+                    status: w.status.clone(),
+                })
+                .collect(),
+            listeners: self.cfg.listeners.clone(),
+            last_upgrade: self.last_upgrade.as_ref().map(|u| UpgradeStatus {
+                generation: u.generation,
+                ok: u.ok,
+                message: u.message.clone(),
+                duration_ms: u.duration.as_millis() as u64,
+                ago_secs: u.at.elapsed().as_secs_f64(),
+            }),
+            crashes: self.crashes,
+            crashes_in_a_row: self.crashes_in_a_row,
+        }
+    }
+}
