@@ -19,11 +19,13 @@ pub fn target_dir() -> PathBuf {
     deps.parent().expect("target/<profile>").to_path_buf()
 }
 
-static BUILD_LOCK: Mutex<()> = Mutex::new(());
+static BUILT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
+/// Builds a target once per test process (cargo makes it a no-op when it is up to date),
+/// so that a filtered `cargo test --test x` never runs a stale binary.
 fn ensure_built(path: PathBuf, package: &str, kind: &str, name: &str) -> PathBuf {
-    let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    if !path.exists() {
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.contains(&path) {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", package, kind, name]);
@@ -32,6 +34,7 @@ fn ensure_built(path: PathBuf, package: &str, kind: &str, name: &str) -> PathBuf
         }
         let status = cmd.status().expect("cargo runs");
         assert!(status.success(), "cargo build -p {package} {kind} {name} failed");
+        built.push(path.clone());
     }
     assert!(path.exists(), "{} was not built", path.display());
     path
@@ -279,4 +282,89 @@ pub fn replace_with_script(path: &Path, script: &str) {
     std::fs::write(&tmp, script).expect("write script");
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::rename(&tmp, path).expect("rename over the old binary");
+}
+
+/// What a [`Load`] counted.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    /// Requests answered with 200.
+    pub ok: u64,
+    /// Requests that failed, any way.
+    pub failed: u64,
+    /// The first few failures, described.
+    pub errors: Vec<String>,
+    /// Distinct response bodies seen, in order of first appearance.
+    pub bodies: Vec<String>,
+}
+
+/// Continuous HTTP/1.1 load from client threads that never retry: some keep their
+/// connection alive (reconnecting only after a `Connection: close` response), some open
+/// a new connection per request. Every request is counted.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    report: Arc<Mutex<LoadReport>>,
+}
+
+impl Load {
+    /// Starts `keep_alive` + `new_conn` clients against `addr`, requesting `path`.
+    pub fn start(addr: SocketAddr, path: &str, keep_alive: usize, new_conn: usize) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(LoadReport::default()));
+        let mut threads = Vec::new();
+        for i in 0..keep_alive + new_conn {
+            let (stop, report, path) = (stop.clone(), report.clone(), path.to_owned());
+            let reuse = i < keep_alive;
+            threads.push(std::thread::spawn(move || {
+                let mut conn: Option<Http1> = None;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let result = match conn.take() {
+                        Some(mut c) => c.get(&path).map(|r| (r, Some(c))),
+                        None => Http1::connect(addr).and_then(|mut c| c.get(&path).map(|r| (r, Some(c)))),
+                    };
+                    let mut rep = report.lock().unwrap_or_else(|e| e.into_inner());
+                    match result {
+                        Ok((resp, c)) if resp.status == 200 => {
+                            rep.ok += 1;
+                            if !rep.bodies.contains(&resp.body) {
+                                rep.bodies.push(resp.body.clone());
+                            }
+                            let closing = resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                            if reuse && !closing {
+                                conn = c;
+                            }
+                        }
+                        Ok((resp, _)) => {
+                            rep.failed += 1;
+                            if rep.errors.len() < 20 {
+                                rep.errors.push(format!("status {}: {}", resp.status, resp.body));
+                            }
+                        }
+                        Err(e) => {
+                            rep.failed += 1;
+                            if rep.errors.len() < 20 {
+                                rep.errors.push(format!("{} connection: {e}", if reuse { "keep-alive" } else { "new" }));
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        Load { stop, threads, report }
+    }
+
+    /// What was counted so far.
+    pub fn snapshot(&self) -> LoadReport {
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops the clients (each finishes its current request) and returns the count.
+    pub fn finish(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let report = self.report.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        report
+    }
 }

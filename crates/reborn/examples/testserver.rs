@@ -1,0 +1,156 @@
+//! The server the integration tests run: every knob of the library on the command line,
+//! and answers that say which binary and which process served them.
+//!
+//! `GET /ping` answers `pong <digest> pid=<pid>` (the digest is of the executable file
+//! itself, so a changed binary answers differently); `?sleep_ms=N` waits first.
+//! Hooks print `hook: <when> <signal>` lines.
+
+use std::time::Duration;
+
+use axum::{Router, extract::Query, routing::get};
+
+#[derive(serde::Deserialize)]
+struct PingParams {
+    sleep_ms: Option<u64>,
+}
+
+struct Args {
+    addr: String,
+    unix: Option<String>,
+    pid_file: Option<String>,
+    ready_timeout: Option<Duration>,
+    drain_timeout: Option<Duration>,
+    idle_grace: Option<Duration>,
+    ready_delay: Option<Duration>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        addr: "127.0.0.1:0".into(),
+        unix: None,
+        pid_file: None,
+        ready_timeout: None,
+        drain_timeout: None,
+        idle_grace: None,
+        ready_delay: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        let ms = |v: String| v.parse::<u64>().map(Duration::from_millis).map_err(|e| format!("{v}: {e}"));
+        match flag.as_str() {
+            "--addr" => a.addr = value()?,
+            "--unix" => a.unix = Some(value()?),
+            "--pid-file" => a.pid_file = Some(value()?),
+            "--ready-timeout-ms" => a.ready_timeout = Some(ms(value()?)?),
+            "--drain-timeout-ms" => a.drain_timeout = Some(ms(value()?)?),
+            "--idle-grace-ms" => a.idle_grace = Some(ms(value()?)?),
+            "--ready-delay-ms" => a.ready_delay = Some(ms(value()?)?),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(a)
+}
+
+fn digest_of_self() -> String {
+    // FNV-1a over the executable: cheap, and any changed byte changes it.
+    let bytes = std::fs::read("/proc/self/exe").unwrap_or_default();
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+fn main() {
+    reborn::init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(false)
+        .init();
+    if let Err(e) = run() {
+        eprintln!("testserver: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
+    let pid = std::process::id();
+    println!("[pid] {pid}");
+    let mut builder = reborn::Reborn::builder();
+    if let Some(p) = &args.pid_file {
+        builder = builder.pid_file(p);
+    }
+    if let Some(d) = args.ready_timeout {
+        builder = builder.ready_timeout(d);
+    }
+    if let Some(d) = args.drain_timeout {
+        builder = builder.drain_timeout(d);
+    }
+    if let Some(d) = args.idle_grace {
+        builder = builder.idle_grace(d);
+    }
+    if args.ready_delay.is_some() {
+        builder = builder.ready_mode(reborn::ReadyMode::Manual);
+    }
+    for signal in [reborn::Signal::Usr1, reborn::Signal::Tstp, reborn::Signal::Term] {
+        builder = builder
+            .before(signal, move || println!("hook: before {signal}"))
+            .after(signal, move || println!("hook: after {signal}"));
+    }
+    let reborn = builder.build()?;
+    let tcp = reborn.listen("http", &args.addr)?;
+    println!("listening on {}", tcp.local_addr());
+    let unix = match &args.unix {
+        Some(path) => {
+            let l = reborn.listen("unix", path)?;
+            println!("listening on {}", l.local_addr());
+            Some(l)
+        }
+        None => None,
+    };
+    let digest = digest_of_self();
+    let app = Router::new().route(
+        "/ping",
+        get(move |Query(p): Query<PingParams>| {
+            let digest = digest.clone();
+            async move {
+                if let Some(ms) = p.sleep_ms {
+                    println!("slow request started: {ms} ms");
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                format!("pong {digest} pid={pid}")
+            }
+        }),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let unix_task = unix.map(|l| tokio::spawn({
+            let reborn = reborn.clone();
+            let app = app.clone();
+            async move { reborn.serve(l, app).await }
+        }));
+        if let Some(delay) = args.ready_delay {
+            let reborn = reborn.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Err(e) = reborn.ready() {
+                    eprintln!("testserver: {e}");
+                }
+            });
+        }
+        reborn.serve(tcp, app).await?;
+        if let Some(t) = unix_task {
+            t.await??;
+        }
+        println!("exiting");
+        Ok(())
+    })
+}

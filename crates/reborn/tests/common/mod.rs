@@ -1,0 +1,105 @@
+//! A test server run from a temporary directory, as a deploy would run it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use reborn_testkit::{PATIENCE, Proc, alive, wait_for};
+
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub bin: PathBuf,
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+pub fn testserver() -> PathBuf {
+    reborn_testkit::example("reborn", "testserver")
+}
+
+impl Server {
+    /// Copies the test server into a fresh directory and starts it there.
+    pub fn start(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = reborn_testkit::copy_to(&testserver(), dir.path(), "server");
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--addr", "127.0.0.1:0", "--pid-file"])
+            .arg(dir.path().join("pid"))
+            .args(extra)
+            .current_dir(dir.path());
+        let proc = Proc::start(cmd);
+        let addr = proc.wait_line("the listening address", |l| {
+            l.strip_prefix("listening on ")?.parse().ok()
+        });
+        let server = Server { dir, bin, proc, addr };
+        server.wait_serving_pid(server.proc.pid());
+        server
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("pid")
+    }
+
+    /// The PID in the PID file.
+    pub fn serving_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()
+    }
+
+    /// Waits until the PID file names `pid`.
+    pub fn wait_serving_pid(&self, pid: u32) {
+        wait_for(&format!("pid {pid} in the PID file"), PATIENCE, || {
+            (self.serving_pid() == Some(pid)).then_some(())
+        });
+    }
+
+    /// Waits until the PID file names a process other than `old`, and returns it.
+    pub fn wait_new_pid(&self, old: u32) -> u32 {
+        wait_for("a new PID in the PID file", PATIENCE, || {
+            self.serving_pid().filter(|p| *p != old)
+        })
+    }
+
+    pub fn get(&self, path: &str) -> reborn_testkit::Response {
+        reborn_testkit::get(self.addr, path).unwrap_or_else(|e| {
+            panic!("GET {path}: {e}; server output:\n{}", self.proc.output())
+        })
+    }
+
+    /// Replaces the binary on disk with a variant (a different digest).
+    pub fn deploy_variant(&self, tag: &str) {
+        reborn_testkit::replace_with_variant(&self.bin, &testserver(), tag.as_bytes());
+    }
+
+    /// SIGTERMs whatever process serves now, and waits for it to be gone.
+    pub fn stop_current(&mut self) {
+        if let Some(pid) = self.serving_pid().filter(|p| alive(*p)) {
+            reborn_testkit::signal(pid, libc::SIGTERM);
+            wait_for("the serving process to exit", PATIENCE, || (!alive(pid)).then_some(()));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Later generations are not our children: stop them by PID.
+        if let Some(pid) = self.serving_pid() {
+            if pid != self.proc.pid() && alive(pid) {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+pub fn body_pid(body: &str) -> Option<u32> {
+    body.rsplit_once("pid=")?.1.trim().parse().ok()
+}
+
+pub fn body_digest(body: &str) -> Option<&str> {
+    body.split_whitespace().nth(1)
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
