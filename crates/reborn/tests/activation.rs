@@ -1,0 +1,140 @@
+//! Socket activation as systemd speaks it, and the errors a user meets first.
+
+mod common;
+
+use std::process::Command;
+
+use common::{body_pid, testserver};
+use reborn_testkit::{PATIENCE, Proc, alive, signal, wait_for};
+
+/// A free port for tools that insist on binding themselves: bound, read, released.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn run_to_end(mut cmd: Command) -> (Option<i32>, String) {
+    let out = cmd.output().expect("runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
+/// Debian's `systemd-socket-activate` binds the socket, waits for the first connection,
+/// then execs the server with `LISTEN_FDS=1` and no names: the server serves on the
+/// socket it was handed (found by address), and a `SIGHUP` hands it on.
+#[test]
+fn serves_and_upgrades_under_systemd_socket_activate() {
+    let Ok(_) = Command::new("systemd-socket-activate").arg("--version").output() else {
+        panic!("systemd-socket-activate is missing: apt-get install systemd");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bin = reborn_testkit::copy_to(&testserver(), dir.path(), "server");
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.arg("-l").arg(addr.to_string()).arg(&bin).args(["--addr", &addr.to_string(), "--pid-file"]).arg(dir.path().join("pid"));
+    let mut proc = Proc::start(cmd);
+    proc.wait_line("systemd-socket-activate listening", |l| l.contains("Listening on").then_some(()));
+    // The first connection starts the server, which accepts it from the inherited socket.
+    let first = reborn_testkit::get(addr, "/ping").expect("served through the inherited socket");
+    let pid = body_pid(&first.body).unwrap();
+    assert_eq!(pid, proc.pid(), "systemd-socket-activate execs the server in its own process");
+    assert!(proc.output().contains("inherited=true"), "{}", proc.output());
+
+    reborn_testkit::replace_with_variant(&bin, &testserver(), b"v2");
+    signal(pid, libc::SIGHUP);
+    let new_pid = wait_for("the new generation", PATIENCE, || {
+        reborn_testkit::get(addr, "/ping").ok().and_then(|r| body_pid(&r.body)).filter(|p| *p != pid)
+    });
+    assert_eq!(proc.wait_exit(PATIENCE), Some(0));
+    let resp = reborn_testkit::get(addr, "/ping").unwrap();
+    assert_eq!(body_pid(&resp.body), Some(new_pid));
+    signal(new_pid, libc::SIGTERM);
+    wait_for("the last generation to exit", PATIENCE, || (!alive(new_pid)).then_some(()));
+}
+
+/// Named sockets (`LISTEN_FDNAMES`) are found by name even when the address asked for
+/// differs, as with `FileDescriptorName=` in a socket unit.
+#[test]
+fn finds_inherited_sockets_by_name() {
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.arg("-l").arg(addr.to_string()).arg("--fdname=http").arg(testserver()).args(["--addr", "127.0.0.1:0"]);
+    let proc = Proc::start(cmd);
+    proc.wait_line("systemd-socket-activate listening", |l| l.contains("Listening on").then_some(()));
+    let resp = reborn_testkit::get(addr, "/ping").expect("served on the named socket");
+    assert_eq!(body_pid(&resp.body), Some(proc.pid()));
+    proc.wait_line("the name", |l| (l.contains("inherited=true") && l.contains("name=\"http\"")).then_some(()));
+}
+
+#[test]
+fn garbage_listen_fds_gets_one_precise_error() {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c").arg("LISTEN_PID=$$ LISTEN_FDS=three exec \"$0\" --addr 127.0.0.1:0").arg(testserver());
+    let (code, out) = run_to_end(cmd);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("LISTEN_FDS=\"three\" is not a number of file descriptors"), "{out}");
+}
+
+#[test]
+fn a_listen_fds_fd_that_is_not_a_socket_is_named() {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c").arg("exec 3</etc/hostname; LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --addr 127.0.0.1:0").arg(testserver());
+    let (code, out) = run_to_end(cmd);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("fd 3") && out.contains("regular file"), "{out}");
+}
+
+#[test]
+fn listen_fds_for_another_process_are_ignored() {
+    let mut cmd = Command::new(testserver());
+    cmd.args(["--addr", "127.0.0.1:0"]).env("LISTEN_PID", "1").env("LISTEN_FDS", "1");
+    let proc = Proc::start(cmd);
+    let addr: std::net::SocketAddr = proc.wait_line("the address", |l| l.strip_prefix("listening on ")?.parse().ok());
+    assert_eq!(reborn_testkit::get(addr, "/ping").unwrap().status, 200);
+    assert!(proc.output().contains("LISTEN_FDS is set for another process"), "{}", proc.output());
+}
+
+#[test]
+fn a_bad_address_gets_one_precise_error() {
+    let mut cmd = Command::new(testserver());
+    cmd.args(["--addr", "localhost:http"]);
+    let (code, out) = run_to_end(cmd);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("\"localhost:http\" is not a listen address: the port \"http\" is not a number"), "{out}");
+}
+
+#[test]
+fn a_port_in_use_gets_one_precise_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut cmd = Command::new(testserver());
+    cmd.args(["--addr", &addr]);
+    let (code, out) = run_to_end(cmd);
+    assert_eq!(code, Some(1));
+    assert!(out.contains(&format!("cannot listen on {addr}: the address is already in use")), "{out}");
+}
+
+/// A Unix socket listener beside the TCP one: both are handed on, in order, by name.
+#[test]
+fn unix_and_tcp_listeners_are_both_handed_on() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("app.sock");
+    let server = common::Server::start(&["--unix", sock.to_str().unwrap()]);
+    let get_unix = || {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock)?;
+        s.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok::<_, std::io::Error>(out)
+    };
+    let old = server.proc.pid();
+    assert!(get_unix().unwrap().contains(&format!("pid={old}")));
+    signal(old, libc::SIGHUP);
+    let new = server.wait_new_pid(old);
+    wait_for("the new generation on the Unix socket", PATIENCE, || {
+        get_unix().ok().filter(|b| b.contains(&format!("pid={new}")))
+    });
+    assert_eq!(body_pid(&server.get("/ping").body), Some(new));
+}
