@@ -1,0 +1,570 @@
+//! Closed-loop load clients on hyper 1.x client connections (no pooling, no retries).
+//!
+//! Each client sends one request at a time and counts how it ended. A request is never
+//! sent twice. In keep-alive mode a client reconnects, without counting a failure, when a
+//! response carried `Connection: close` or when the server had closed the connection
+//! cleanly *before* the request was written (hyper hands the unsent request back: see
+//! [`hyper::client::conn::TrySendError::take_message`]); a close that races a request
+//! already written is a failure. For HTTP/2, a connection that received GOAWAY is
+//! replaced the same way.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::stats::{Counts, ErrorSamples, Outcome};
+
+/// How the clients talk to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// HTTP/1.1, requests in sequence over a kept-alive connection.
+    Keepalive,
+    /// HTTP/1.1, a new connection for every request (`Connection: close`).
+    Newconn,
+    /// HTTP/2 (prior knowledge, h2c), one connection per client.
+    H2,
+}
+
+impl Mode {
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Keepalive => "keep-alive",
+            Mode::Newconn => "new-conn",
+            Mode::H2 => "h2",
+        }
+    }
+}
+
+/// What a parsed `pong <build-id> pid=<pid>` body says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pong {
+    /// The build-id.
+    pub build_id: String,
+    /// The PID that answered.
+    pub pid: u32,
+}
+
+/// Parses a `pong <build-id> pid=<pid>` body.
+pub fn parse_pong(body: &[u8]) -> Option<Pong> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut words = text.split_whitespace();
+    if words.next()? != "pong" {
+        return None;
+    }
+    let build_id = words.next()?.to_owned();
+    let pid = words.next()?.strip_prefix("pid=")?.parse().ok()?;
+    if words.next().is_some() {
+        return None;
+    }
+    Some(Pong { build_id, pid })
+}
+
+/// When a generation (PID) first answered.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// When its first response was received.
+    pub first: Instant,
+    /// Its build-id.
+    pub build_id: String,
+}
+
+/// Which PIDs answered and when each answered first; wakes waiters on a new one.
+#[derive(Debug, Default)]
+pub struct Generations {
+    seen: Mutex<HashMap<u32, Seen>>,
+    notify: Notify,
+}
+
+impl Generations {
+    /// Records an answer from `pong` received at `at`.
+    pub fn record(&self, pong: &Pong, at: Instant) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut new = false;
+        seen.entry(pong.pid)
+            .and_modify(|s| {
+                if at < s.first {
+                    s.first = at;
+                }
+            })
+            .or_insert_with(|| {
+                new = true;
+                Seen {
+                    first: at,
+                    build_id: pong.build_id.clone(),
+                }
+            });
+        drop(seen);
+        if new {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Every PID seen so far.
+    pub fn all(&self) -> HashMap<u32, Seen> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits (until `deadline`) for a PID not in `old` to answer; returns it and when it
+    /// first answered.
+    pub async fn wait_new(
+        &self,
+        old: &[u32],
+        deadline: tokio::time::Instant,
+    ) -> Option<(u32, Seen)> {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((pid, s)) = seen
+                    .iter()
+                    .filter(|(pid, _)| !old.contains(pid))
+                    .min_by_key(|(_, s)| s.first)
+                {
+                    return Some((*pid, s.clone()));
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// Reconnects that are not failures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Reconnects {
+    /// After a response that carried `Connection: close`.
+    pub after_connection_close: u64,
+    /// The server closed the connection cleanly before the next request was written.
+    pub closed_between_requests: u64,
+    /// HTTP/2: the connection was going away (GOAWAY) or had closed.
+    pub after_goaway: u64,
+}
+
+impl Reconnects {
+    fn merge(&mut self, o: &Reconnects) {
+        self.after_connection_close += o.after_connection_close;
+        self.closed_between_requests += o.closed_between_requests;
+        self.after_goaway += o.after_goaway;
+    }
+}
+
+/// One request's timing: start (µs since the run's epoch) and latency (µs); failures
+/// have their latency too (time to the failure).
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Start, µs since the epoch.
+    pub start_us: u64,
+    /// Latency, µs.
+    pub latency_us: u64,
+    /// Whether it succeeded.
+    pub ok: bool,
+}
+
+/// What the clients of a run produced.
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    /// Outcomes.
+    pub counts: Counts,
+    /// Reconnects that are not failures.
+    pub reconnects: Reconnects,
+    /// Error messages of failed requests.
+    pub errors: ErrorSamples,
+    /// Every request's timing.
+    pub samples: Vec<Sample>,
+    /// Connections opened.
+    pub connections: u64,
+}
+
+impl LoadResult {
+    fn merge(&mut self, o: LoadResult) {
+        self.counts.merge(&o.counts);
+        self.reconnects.merge(&o.reconnects);
+        self.errors.merge(&o.errors);
+        self.samples.extend(o.samples);
+        self.connections += o.connections;
+    }
+}
+
+/// Settings for a set of clients.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// The server.
+    pub addr: SocketAddr,
+    /// The request path and query.
+    pub path: String,
+    /// The `Host` header.
+    pub host: String,
+    /// How to talk.
+    pub mode: Mode,
+    /// Number of clients.
+    pub concurrency: usize,
+    /// Timeout for one request (connect included).
+    pub timeout: Duration,
+    /// Pause after a failed request before the next (a closed-loop client must not spin).
+    pub pause_after_failure: Duration,
+}
+
+/// Load running in the background.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<LoadResult>>,
+}
+
+impl Load {
+    /// Starts `cfg.concurrency` clients.
+    pub fn start(cfg: LoadConfig, gens: Arc<Generations>, epoch: Instant) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..cfg.concurrency)
+            .map(|_| {
+                let cfg = cfg.clone();
+                let gens = gens.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move { client(cfg, gens, stop, epoch).await })
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+
+    /// Stops the clients (each finishes its request in flight) and merges their results.
+    pub async fn finish(self) -> LoadResult {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = LoadResult::default();
+        for t in self.tasks {
+            match t.await {
+                Ok(r) => total.merge(r),
+                Err(e) => total.errors.add(format!("client task failed: {e}")),
+            }
+        }
+        total
+    }
+}
+
+enum Conn {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        match self {
+            Conn::H1(s) => s.is_closed(),
+            Conn::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+/// Connects and hands the connection to hyper (HTTP/1.1 or HTTP/2).
+async fn connect(addr: SocketAddr, h2: bool) -> Result<Conn, Failure> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| Failure::io("connect", &e))?;
+    let _ = stream.set_nodelay(true);
+    let io = TokioIo::new(stream);
+    if h2 {
+        let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| Failure::hyper("h2 handshake", &e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn::H2(send))
+    } else {
+        let (send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| Failure::hyper("h1 handshake", &e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn::H1(send))
+    }
+}
+
+/// A failed request: its class and a message.
+#[derive(Debug)]
+pub struct Failure {
+    /// The class.
+    pub outcome: Outcome,
+    /// What happened.
+    pub message: String,
+}
+
+impl Failure {
+    fn io(stage: &str, e: &io::Error) -> Failure {
+        Failure {
+            outcome: classify_io(e),
+            message: format!("{stage}: {:?}", e.kind()),
+        }
+    }
+
+    fn hyper(stage: &str, e: &hyper::Error) -> Failure {
+        Failure {
+            outcome: classify_hyper(e),
+            message: format!("{stage}: {}", chain(e)),
+        }
+    }
+
+    fn timeout(stage: &str) -> Failure {
+        Failure {
+            outcome: Outcome::Timeout,
+            message: format!("{stage}: timed out"),
+        }
+    }
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Classifies an I/O error.
+pub fn classify_io(e: &io::Error) -> Outcome {
+    use io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => Outcome::Refused,
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected => {
+            Outcome::Reset
+        }
+        TimedOut | WouldBlock => Outcome::Timeout,
+        _ => Outcome::Other,
+    }
+}
+
+/// Classifies a hyper error: an I/O error anywhere in its chain decides; else EOF before
+/// a complete message, or a connection closed under a request, is a reset.
+pub fn classify_hyper(e: &hyper::Error) -> Outcome {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<io::Error>() {
+            return classify_io(io);
+        }
+        cur = c.source();
+    }
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() || e.is_body_write_aborted() {
+        Outcome::Reset
+    } else if e.is_timeout() {
+        Outcome::Timeout
+    } else {
+        Outcome::Other
+    }
+}
+
+fn request(cfg: &LoadConfig, close: bool) -> Request<Empty<Bytes>> {
+    let mut b = Request::get(cfg.path.as_str());
+    if cfg.mode == Mode::H2 {
+        b = b.uri(format!("http://{}{}", cfg.host, cfg.path));
+    } else {
+        b = b.header(http::header::HOST, cfg.host.as_str());
+    }
+    if close {
+        b = b.header(http::header::CONNECTION, "close");
+    }
+    // The path comes from the command line and was checked when it was parsed.
+    b.body(Empty::new())
+        .unwrap_or_else(|_| Request::new(Empty::new()))
+}
+
+/// Reads a response to the end and checks it; returns what it said and whether the
+/// server asked to close the connection.
+async fn check_response(resp: Response<Incoming>) -> Result<(Pong, bool), Failure> {
+    let status = resp.status();
+    let close = resp
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|v| {
+            v.to_str()
+                .map(|s| s.to_ascii_lowercase().contains("close"))
+                .unwrap_or(false)
+        });
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| Failure::hyper("body", &e))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(Failure {
+            outcome: Outcome::BadStatus,
+            message: format!("status {}", status.as_u16()),
+        });
+    }
+    let _ = StatusCode::OK;
+    match parse_pong(&body) {
+        Some(p) => Ok((p, close)),
+        None => Err(Failure {
+            outcome: Outcome::WrongBody,
+            message: format!(
+                "wrong body {:?}",
+                String::from_utf8_lossy(&body[..body.len().min(64)])
+            ),
+        }),
+    }
+}
+
+/// The result of one attempt.
+enum Attempt {
+    /// Answered (and whether the connection must be replaced).
+    Done(Pong, bool),
+    /// The request was never written: the connection had closed; replace it and send.
+    NotSent,
+    /// Failed.
+    Failed(Failure),
+}
+
+async fn send_on(conn: &mut Conn, req: Request<Empty<Bytes>>) -> Attempt {
+    let result = match conn {
+        Conn::H1(s) => s.try_send_request(req).await,
+        Conn::H2(s) => s.try_send_request(req).await,
+    };
+    match result {
+        Ok(resp) => match check_response(resp).await {
+            Ok((p, close)) => Attempt::Done(p, close),
+            Err(f) => Attempt::Failed(f),
+        },
+        Err(mut e) => {
+            if e.take_message().is_some() {
+                Attempt::NotSent
+            } else {
+                Attempt::Failed(Failure::hyper("request", e.error()))
+            }
+        }
+    }
+}
+
+/// One request on a new connection, `Connection: close` (HTTP/1.1).
+pub async fn one_shot(cfg: &LoadConfig) -> Result<Pong, Failure> {
+    let mut conn = connect(cfg.addr, false).await?;
+    match send_on(&mut conn, request(cfg, true)).await {
+        Attempt::Done(p, _) => Ok(p),
+        Attempt::NotSent => Err(Failure {
+            outcome: Outcome::Reset,
+            message: "new connection closed before the request was written".into(),
+        }),
+        Attempt::Failed(f) => Err(f),
+    }
+}
+
+async fn client(
+    cfg: LoadConfig,
+    gens: Arc<Generations>,
+    stop: Arc<AtomicBool>,
+    epoch: Instant,
+) -> LoadResult {
+    let mut out = LoadResult::default();
+    let mut conn: Option<Conn> = None;
+    let mut last_pid = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::from_std(start + cfg.timeout);
+        let result: Result<Pong, Failure> = match cfg.mode {
+            Mode::Newconn => match tokio::time::timeout_at(deadline, one_shot(&cfg)).await {
+                Ok(r) => r,
+                Err(_) => Err(Failure::timeout("request")),
+            },
+            Mode::Keepalive | Mode::H2 => {
+                let h2 = cfg.mode == Mode::H2;
+                let attempt = tokio::time::timeout_at(deadline, async {
+                    // At most one replacement of a connection that closed before the
+                    // request was written: the request itself is sent once.
+                    for _ in 0..2 {
+                        if let Some(c) = &conn
+                            && c.is_closed()
+                        {
+                            conn = None;
+                            if h2 {
+                                out.reconnects.after_goaway += 1;
+                            } else {
+                                out.reconnects.closed_between_requests += 1;
+                            }
+                        }
+                        let c = match &mut conn {
+                            Some(c) => c,
+                            None => {
+                                out.connections += 1;
+                                conn.insert(connect(cfg.addr, h2).await?)
+                            }
+                        };
+                        match send_on(c, request(&cfg, false)).await {
+                            Attempt::Done(p, close) => {
+                                if close {
+                                    conn = None;
+                                    out.reconnects.after_connection_close += 1;
+                                }
+                                return Ok(p);
+                            }
+                            Attempt::NotSent => {
+                                conn = None;
+                                if h2 {
+                                    out.reconnects.after_goaway += 1;
+                                } else {
+                                    out.reconnects.closed_between_requests += 1;
+                                }
+                            }
+                            Attempt::Failed(f) => {
+                                conn = None;
+                                return Err(f);
+                            }
+                        }
+                    }
+                    Err(Failure {
+                        outcome: Outcome::Reset,
+                        message: "a new connection closed before the request was written".into(),
+                    })
+                })
+                .await;
+                match attempt {
+                    Ok(r) => r,
+                    Err(_) => {
+                        conn = None;
+                        Err(Failure::timeout("request"))
+                    }
+                }
+            }
+        };
+        let end = Instant::now();
+        let sample = Sample {
+            start_us: start.saturating_duration_since(epoch).as_micros() as u64,
+            latency_us: end.saturating_duration_since(start).as_micros() as u64,
+            ok: result.is_ok(),
+        };
+        out.samples.push(sample);
+        match result {
+            Ok(p) => {
+                out.counts.add(Outcome::Ok);
+                if p.pid != last_pid {
+                    last_pid = p.pid;
+                    gens.record(&p, end);
+                }
+            }
+            Err(f) => {
+                out.counts.add(f.outcome);
+                out.errors.add(f.message);
+                tokio::time::sleep(cfg.pause_after_failure).await;
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,118 @@
+//! Processes and limits: `/proc` readings, signals, `RLIMIT_NOFILE`.
+
+use std::io;
+
+/// Whether a process exists and is not a zombie (a process that is not our child stays a
+/// zombie until its own parent reaps it; for us it is gone).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Sends `sig` to `pid`.
+pub fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::other("pid out of range"))?;
+    if pid <= 0 {
+        return Err(io::Error::other("refusing to signal pid <= 0"));
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions; pid > 0 names one process.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The number of open file descriptors of a process, if it can be read.
+pub fn fd_count(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count())
+}
+
+/// The resident set size (`VmRSS`) of a process in KiB, if it can be read.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (children inherit it) and returns
+/// the new soft limit.
+pub fn raise_nofile() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the rlimit we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// A snapshot of one process's resources.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProcStat {
+    /// What the process is: `master`, `generation`, `server`.
+    pub role: String,
+    /// Its PID.
+    pub pid: u32,
+    /// Whether it was alive (not a zombie) when looked at.
+    pub alive: bool,
+    /// Open file descriptors.
+    pub fds: Option<usize>,
+    /// Resident set size in KiB.
+    pub rss_kib: Option<u64>,
+}
+
+impl ProcStat {
+    /// Looks at `pid` now.
+    pub fn of(role: &str, pid: u32) -> ProcStat {
+        let alive = alive(pid);
+        ProcStat {
+            role: role.to_owned(),
+            pid,
+            alive,
+            fds: if alive { fd_count(pid) } else { None },
+            rss_kib: if alive { rss_kib(pid) } else { None },
+        }
+    }
+}
+
+/// The machine, for the report.
+pub fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    serde_json::json!({ "cpus": cpus, "cpu": cpu, "kernel": kernel })
+}

@@ -1,0 +1,137 @@
+//! A short run of the real binaries: a few self-upgrades under keep-alive and
+//! new-connection load, asserting that no request failed and that the JSON report says so.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn run_bench(args: &[&str], json: &Path) -> serde_json::Value {
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_reborn-bench"))
+        .arg("restart")
+        .arg("--server")
+        .arg(env!("CARGO_BIN_EXE_bench-server"))
+        .arg("--json")
+        .arg(json)
+        // Bounded: the bench stops itself after this, whatever is left.
+        .args(["--max-time-s", "50"])
+        .args(args)
+        .output()
+        .expect("reborn-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "reborn-bench failed ({:?}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    eprintln!("{stdout}(took {:?})", started.elapsed());
+    let text = std::fs::read_to_string(json).expect("the JSON report was written");
+    serde_json::from_str(&text).expect("the JSON report parses")
+}
+
+fn check(report: &serde_json::Value, restarts: u64) {
+    let req = &report["requests"];
+    assert!(
+        req["total"].as_u64().unwrap() > 0,
+        "no request was sent: {report:#}"
+    );
+    assert_eq!(
+        req["failed"].as_u64(),
+        Some(0),
+        "failed requests: {:#}",
+        req
+    );
+    assert_eq!(req["counts"]["ok"], req["total"]);
+    assert_eq!(
+        report["restarts_done"].as_u64(),
+        Some(restarts),
+        "restarts: {:#}",
+        report["restarts"]
+    );
+    let slow = &report["slow_requests"];
+    assert_eq!(slow["failed"].as_u64(), Some(0), "slow requests: {slow:#}");
+    assert_eq!(
+        slow["answered_by_old_generation"], slow["sent"],
+        "slow requests: {slow:#}"
+    );
+    // Every restart has a handoff, and each old generation exited.
+    for r in report["restarts"].as_array().unwrap() {
+        assert!(
+            r["handoff_ms"].as_f64().is_some(),
+            "restart without handoff: {r:#}"
+        );
+        assert!(
+            r["drain_ms"].as_f64().is_some(),
+            "old generation did not exit: {r:#}"
+        );
+        assert_ne!(r["old_pid"], r["new_pid"]);
+    }
+    assert_eq!(report["generations_seen"].as_u64(), Some(restarts + 1));
+    // No generation but the serving one is left at the end.
+    let end = report["processes_at_end"].as_array().unwrap();
+    assert_eq!(
+        end.iter().filter(|p| p["alive"] == true).count(),
+        1,
+        "{end:#?}"
+    );
+}
+
+fn smoke(mode: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let restarts = 3;
+    let report = run_bench(
+        &[
+            "--path",
+            "self",
+            "--mode",
+            mode,
+            "-c",
+            "8",
+            "--restarts",
+            &restarts.to_string(),
+            "--interval-ms",
+            "300",
+            "--warmup-ms",
+            "300",
+            "--cooldown-ms",
+            "200",
+            "--slow-per-restart",
+            "1",
+            "--slow-ms",
+            "400",
+            "--step-timeout-ms",
+            "20000",
+            "--timeout-ms",
+            "20000",
+        ],
+        &json,
+    );
+    assert_eq!(report["mode"], mode);
+    check(&report, restarts);
+}
+
+#[test]
+fn self_upgrade_keepalive_loses_nothing() {
+    smoke("keepalive");
+}
+
+#[test]
+fn self_upgrade_new_connections_lose_nothing() {
+    smoke("newconn");
+}
+
+#[test]
+fn help_describes_the_subcommands() {
+    let out = Command::new(env!("CARGO_BIN_EXE_reborn-bench"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for word in ["restart", "steady", "idle"] {
+        assert!(text.contains(word), "{text}");
+    }
+    let _ = Duration::ZERO;
+}
