@@ -263,16 +263,18 @@ pub fn call(path: &PathBuf, request: Request) -> Result<Reply, String> {
         )
     })?;
     let mut writer = &stream;
-    writer
-        .write_all(format!("{}\n", request.as_str()).as_bytes())
-        .map_err(|e| format!("cannot send to the master: {e}"))?;
+    // A master that refuses this client answers without reading: the write may fail
+    // while the answer is there to read.
+    let sent = writer.write_all(format!("{}\n", request.as_str()).as_bytes());
     let mut reader = BufReader::new(&stream);
     let mut line = String::new();
-    reader
-        .read_line(&mut line)
-        .map_err(|e| format!("no answer from the master: {e}"))?;
+    let read = reader.read_line(&mut line);
     if line.is_empty() {
-        return Err("the master closed the connection without answering".into());
+        return Err(match (sent, read) {
+            (Err(e), _) => format!("cannot send to the master: {e}"),
+            (_, Err(e)) => format!("no answer from the master: {e}"),
+            _ => "the master closed the connection without answering".into(),
+        });
     }
     let reply: Reply = serde_json::from_str(&line)
         .map_err(|e| format!("cannot read the master's answer ({e}): {line:?}"))?;
