@@ -20,7 +20,11 @@ fn start_app(dir: &Path, opts: &[&str]) -> (Master, std::path::PathBuf) {
     let master = Master::start(
         dir,
         opts,
-        &[app.as_os_str(), OsStr::new("--addr"), OsStr::new("127.0.0.1:0")],
+        &[
+            app.as_os_str(),
+            OsStr::new("--addr"),
+            OsStr::new("127.0.0.1:0"),
+        ],
     );
     master.wait_serving();
     (master, app)
@@ -35,7 +39,10 @@ fn new_worker_crashes_old_keeps_serving() {
     let (_, old_pid) = ping(master.addr);
     let load = Load::start(master.addr, 2, 1, Duration::from_secs(60));
     load.wait_progress(20);
-    replace_with_script(&app, "#!/bin/sh\necho 'new version: bad config' >&2\nexit 3\n");
+    replace_with_script(
+        &app,
+        "#!/bin/sh\necho 'new version: bad config' >&2\nexit 3\n",
+    );
     let (ok, text) = master.upgrade();
     assert!(!ok, "the upgrade must fail: {text}");
     assert!(
@@ -148,7 +155,8 @@ fn old_worker_ignoring_stop_is_killed_at_the_deadline() {
         "killed at the deadline, not before"
     );
     master.proc.wait_line("the kill at the deadline", |l| {
-        l.contains("did not exit within the drain timeout").then_some(())
+        l.contains("did not exit within the drain timeout")
+            .then_some(())
     });
 }
 
@@ -212,7 +220,11 @@ fn killed_master_takes_its_workers_along() {
         dir2.path(),
         &addr.to_string(),
         &[],
-        &[bench.as_os_str(), OsStr::new("--addr"), OsStr::new("127.0.0.1:0")],
+        &[
+            bench.as_os_str(),
+            OsStr::new("--addr"),
+            OsStr::new("127.0.0.1:0"),
+        ],
     );
     assert_eq!(again.addr, addr);
     let pid = again.wait_serving();
@@ -229,7 +241,11 @@ fn orphans_are_reaped() {
         &script,
         "#!/bin/sh\nfor i in 1 2 3 4 5; do (sleep 0.2 &) ; done\nwhile :; do sleep 0.1; done\n",
     );
-    let master = Master::start(dir.path(), &["--ready", "delay:100ms"], &[script.as_os_str()]);
+    let master = Master::start(
+        dir.path(),
+        &["--ready", "delay:100ms"],
+        &[script.as_os_str()],
+    );
     let worker = master.wait_serving();
     let mut saw_orphan = false;
     wait_for("the orphans to be reaped", PATIENCE, || {
@@ -244,9 +260,15 @@ fn orphans_are_reaped() {
 /// The children of `pid`, zombies included: (pid, is a zombie).
 fn all_children(pid: u32) -> Vec<(u32, bool)> {
     let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        for p in text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+        for p in text
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
             let zombie = stat
                 .rsplit_once(')')
@@ -271,7 +293,10 @@ fn control_socket_refuses_another_user() {
     let dir = tempdir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let (master, _app) = start_app(dir.path(), &[]);
-    let mode = std::fs::metadata(&master.control).unwrap().permissions().mode();
+    let mode = std::fs::metadata(&master.control)
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let as_nobody = |sub: &str| {
         // The binary must be reachable by nobody: copy it into the open directory.

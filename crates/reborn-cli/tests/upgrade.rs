@@ -20,7 +20,11 @@ fn ten_upgrades_under_load_lose_nothing() {
     let master = Master::start(
         dir.path(),
         &[],
-        &[app.as_os_str(), OsStr::new("--addr"), OsStr::new("127.0.0.1:0")],
+        &[
+            app.as_os_str(),
+            OsStr::new("--addr"),
+            OsStr::new("127.0.0.1:0"),
+        ],
     );
     master.wait_serving();
     let load = Load::start(master.addr, 4, 2, Duration::from_secs(150));
@@ -80,7 +84,11 @@ fn sighup_upgrades_and_generations_drain_side_by_side() {
     let master = Master::start(
         dir.path(),
         &["--drain-timeout", "20s"],
-        &[bench.as_os_str(), OsStr::new("--addr"), OsStr::new("127.0.0.1:0")],
+        &[
+            bench.as_os_str(),
+            OsStr::new("--addr"),
+            OsStr::new("127.0.0.1:0"),
+        ],
     );
     let first = master.wait_serving();
     let status = master.status();
@@ -116,7 +124,10 @@ fn sighup_upgrades_and_generations_drain_side_by_side() {
     assert_eq!(status["last_upgrade"]["ok"], true);
     assert!(status["last_upgrade"]["duration_ms"].as_u64().is_some());
     for s in slow {
-        let r = s.join().unwrap().expect("a slow request is answered by its old worker");
+        let r = s
+            .join()
+            .unwrap()
+            .expect("a slow request is answered by its old worker");
         assert_eq!(r.status, 200);
     }
     wait_for("the old generations to exit", PATIENCE, || {
@@ -125,7 +136,10 @@ fn sighup_upgrades_and_generations_drain_side_by_side() {
     let text = master.client("status", &[]);
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     assert!(text.contains("serving, generation 3"), "{text}");
-    assert!(text.contains("last upgrade: generation 3 succeeded"), "{text}");
+    assert!(
+        text.contains("last upgrade: generation 3 succeeded"),
+        "{text}"
+    );
 }
 
 /// The worker sees the protocol exactly: LISTEN_PID is its own PID, LISTEN_FDS and
@@ -154,11 +168,7 @@ fn worker_environment_and_forwarded_signals() {
         ),
     )
     .unwrap();
-    std::fs::set_permissions(
-        &script,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let admin = dir.path().join("admin.sock");
     let master = Master::start(
         dir.path(),
@@ -216,7 +226,11 @@ fn sigterm_stops_gracefully() {
     let mut master = Master::start(
         dir.path(),
         &["--pid-file", pid_file.to_str().unwrap()],
-        &[bench.as_os_str(), OsStr::new("--addr"), OsStr::new("127.0.0.1:0")],
+        &[
+            bench.as_os_str(),
+            OsStr::new("--addr"),
+            OsStr::new("127.0.0.1:0"),
+        ],
     );
     let worker = master.wait_serving();
     assert_eq!(
@@ -227,7 +241,10 @@ fn sigterm_stops_gracefully() {
     let slow = std::thread::spawn(move || reborn_testkit::get(addr, "/ping?sleep_ms=1000"));
     std::thread::sleep(Duration::from_millis(200));
     signal(master.pid(), libc::SIGTERM);
-    let r = slow.join().unwrap().expect("the request in flight is answered");
+    let r = slow
+        .join()
+        .unwrap()
+        .expect("the request in flight is answered");
     assert_eq!(r.status, 200);
     assert_eq!(master.proc.wait_exit(PATIENCE), Some(0));
     assert!(!alive(worker));
@@ -244,7 +261,11 @@ fn stop_command_waits_for_the_exit() {
     let mut master = Master::start(
         dir.path(),
         &[],
-        &[bench.as_os_str(), OsStr::new("--addr"), OsStr::new("127.0.0.1:0")],
+        &[
+            bench.as_os_str(),
+            OsStr::new("--addr"),
+            OsStr::new("127.0.0.1:0"),
+        ],
     );
     let worker = master.wait_serving();
     let out = master.client("stop", &[]);

@@ -185,7 +185,10 @@ impl Load {
                                 }
                             }
                             Ok(r) => {
-                                failures.lock().unwrap().push(format!("status {}", r.status));
+                                failures
+                                    .lock()
+                                    .unwrap()
+                                    .push(format!("status {}", r.status));
                                 conn = None;
                             }
                             Err(e) => {

@@ -1,0 +1,125 @@
+//! Workers no one here wrote: gunicorn (socket activation with a strict LISTEN_PID check,
+//! READY=1 on NOTIFY_SOCKET) upgraded under load with no failed request, and a shell
+//! script that reports readiness with Debian's `systemd-notify --ready`.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Load, Master, require_tool, tempdir};
+use reborn_testkit::{PATIENCE, alive, replace_with_script, wait_for};
+
+/// The Python interpreter that has gunicorn, resolved to its real path (not a shim, so
+/// that the process started is the one that reads LISTEN_PID).
+fn python_with_gunicorn() -> PathBuf {
+    let python = require_tool("python3", "apt-get install -y python3");
+    let out = Command::new(python)
+        .args(["-c", "import gunicorn, sys; print(sys.executable)"])
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "this test needs gunicorn: install it with `python3 -m pip install gunicorn`"
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+const APP: &str = r#"
+import os
+VERSION = open(os.path.join(os.path.dirname(__file__), "VERSION")).read().strip()
+
+def app(environ, start_response):
+    body = ("pong %s pid=%d" % (VERSION, os.getpid())).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+"#;
+
+#[test]
+fn gunicorn_upgrades_under_load() {
+    let python = python_with_gunicorn();
+    let dir = tempdir();
+    std::fs::write(dir.path().join("app.py"), APP).unwrap();
+    std::fs::write(dir.path().join("VERSION"), "v1").unwrap();
+    let chdir = dir.path().to_str().unwrap().to_owned();
+    let master = Master::start(
+        dir.path(),
+        &["--drain-timeout", "20s"],
+        &[
+            python.as_os_str(),
+            OsStr::new("-m"),
+            OsStr::new("gunicorn"),
+            OsStr::new("--chdir"),
+            OsStr::new(&chdir),
+            OsStr::new("--workers"),
+            OsStr::new("2"),
+            OsStr::new("--graceful-timeout"),
+            OsStr::new("15"),
+            OsStr::new("app:app"),
+        ],
+    );
+    let first = master.wait_serving();
+    let r = wait_for("gunicorn to answer", PATIENCE, || {
+        reborn_testkit::get(master.addr, "/").ok()
+    });
+    assert!(r.body.starts_with("pong v1"), "{r:?}");
+    let load = Load::start(master.addr, 3, 1, Duration::from_secs(120));
+    load.wait_progress(30);
+    for v in 2..=4 {
+        std::fs::write(dir.path().join("VERSION"), format!("v{v}")).unwrap();
+        let (ok, text) = master.upgrade();
+        assert!(
+            ok,
+            "gunicorn upgrade to v{v}: {text}\n{}",
+            master.proc.output()
+        );
+        wait_for("the new gunicorn to answer", PATIENCE, || {
+            let r = reborn_testkit::get(master.addr, "/").ok()?;
+            r.body.starts_with(&format!("pong v{v}")).then_some(())
+        });
+        load.wait_progress(30);
+    }
+    let (answered, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        answered + failures.len() as u64,
+        &failures[..failures.len().min(10)]
+    );
+    wait_for("the first gunicorn to drain and exit", PATIENCE, || {
+        (!alive(first)).then_some(())
+    });
+    eprintln!("gunicorn: 3 upgrades under load, {answered} requests, 0 failed");
+}
+
+#[test]
+fn systemd_notify_reports_readiness() {
+    let notify = require_tool("systemd-notify", "apt-get install -y systemd");
+    let dir = tempdir();
+    let script = dir.path().join("worker.sh");
+    replace_with_script(
+        &script,
+        &format!(
+            "#!/bin/sh\ntrap 'exit 0' TERM\nsleep 0.3\n{n} --ready --status=\"warmed up\"\n\
+             while :; do sleep 0.05; done\n",
+            n = notify.display()
+        ),
+    );
+    let master = Master::start(
+        dir.path(),
+        &["--ready-timeout", "20s"],
+        &[script.as_os_str()],
+    );
+    let first = master.wait_serving();
+    assert_eq!(master.status()["workers"][0]["status"], "warmed up");
+    let (ok, text) = master.upgrade();
+    assert!(ok, "{text}");
+    assert!(text.contains("generation 2"), "{text}");
+    wait_for("the old worker to stop", PATIENCE, || {
+        (!alive(first)).then_some(())
+    });
+}
