@@ -70,7 +70,11 @@ Examples:
 
 Under systemd (Type=notify) the master reports READY=1 when its first worker is ready,
 and RELOADING=1 … READY=1 around each upgrade; when systemd passes sockets to the master
-(socket activation) they are handed on first.";
+(socket activation) they are handed on first.
+
+Exit status: 0 after a stop (SIGTERM, SIGINT, `reborn stop`); 1 when the master cannot
+start (program not found, address in use, bad control socket...); 2 for a usage error.
+Set REBORN_LOG=debug|info|warn|error for more or less logging (on stderr).";
 
 const CONTROL_AFTER: &str = "\
 The master is found through its control socket: give the same --name or --control as to
@@ -97,7 +101,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run PROGRAM under the master: bind the listeners, start a worker, supervise it.
-    #[command(after_help = RUN_AFTER)]
+    #[command(
+        after_help = RUN_AFTER,
+        override_usage = "reborn run [--listen NAME=ADDR]... [OPTIONS] -- PROGRAM [ARGS]..."
+    )]
     Run(RunArgs),
     /// Upgrade the running server: start a new worker, switch to it when it is ready.
     #[command(after_help = format!("{CONTROL_AFTER}
@@ -196,7 +203,7 @@ pub struct RunArgs {
 
     /// The program to run, then its arguments. A name without '/' is looked up in PATH,
     /// again at every upgrade.
-    #[arg(required = true, last = true, value_name = "PROGRAM [ARGS]...")]
+    #[arg(required = true, last = true, value_name = "PROGRAM")]
     pub program: Vec<OsString>,
 }
 
