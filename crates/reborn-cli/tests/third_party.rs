@@ -123,3 +123,41 @@ fn systemd_notify_reports_readiness() {
         (!alive(first)).then_some(())
     });
 }
+
+/// The documented Python example (docs/examples/master/server.py, standard library
+/// only) runs under the master and is upgraded under keep-alive load with no failed
+/// request.
+#[test]
+fn documented_python_server_upgrades_under_load() {
+    let python = require_tool("python3", "apt-get install -y python3");
+    let server =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples/master/server.py");
+    assert!(server.is_file(), "{} exists", server.display());
+    let dir = tempdir();
+    let master = Master::start(dir.path(), &[], &[python.as_os_str(), server.as_os_str()]);
+    let first = master.wait_serving();
+    let r = reborn_testkit::get(master.addr, "/").unwrap();
+    assert_eq!(r.body.trim(), format!("hello from pid {first}"));
+    let load = Load::start(master.addr, 3, 1, Duration::from_secs(120));
+    load.wait_progress(30);
+    let mut last = first;
+    for _ in 0..3 {
+        let (ok, text) = master.upgrade();
+        assert!(ok, "{text}\n{}", master.proc.output());
+        let now = master.wait_serving();
+        assert_ne!(now, last);
+        last = now;
+        load.wait_progress(30);
+    }
+    let (answered, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        answered + failures.len() as u64,
+        &failures[..failures.len().min(10)]
+    );
+    wait_for("the first generation to exit", PATIENCE, || {
+        (!alive(first)).then_some(())
+    });
+}
