@@ -184,8 +184,8 @@ fn run(args: RunArgs) -> ExitCode {
     if let Some(path) = &pid_file {
         let _ = std::fs::remove_file(path);
     }
-    // Dropping the runtime would wait for nothing useful; the process ends here.
-    std::mem::forget(runtime);
+    // Ends the tasks still holding `reborn stop` connections: their clients see EOF.
+    drop(runtime);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),

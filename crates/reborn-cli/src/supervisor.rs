@@ -415,6 +415,13 @@ impl Supervisor {
             // A READY=1 can only come from the started process; wait for its PID.
             return;
         }
+        if self.current.is_some_and(|c| c > generation) {
+            // A newer generation (an upgrade that won the race with a restart) serves
+            // already: this one is moot.
+            tracing::info!(worker = %w.label(), "a newer generation serves already; stopping this one");
+            self.stop_worker(generation);
+            return;
+        }
         if let Some(p) = w.probe.take() {
             p.abort();
         }
