@@ -274,3 +274,42 @@ fn stop_command_waits_for_the_exit() {
     assert!(!alive(worker), "the worker has exited when stop returns");
     assert_eq!(master.proc.wait_exit(PATIENCE), Some(0));
 }
+
+/// A server built with the reborn library (the `ping` demo), run under the master,
+/// inherits its socket, reports ready, and leaves upgrades to the master: a SIGHUP sent to
+/// the worker itself starts nothing.
+#[test]
+fn library_worker_leaves_upgrades_to_the_master() {
+    let dir = tempdir();
+    let demo = reborn_testkit::example("reborn", "ping");
+    let master = Master::start(
+        dir.path(),
+        &[],
+        &[
+            demo.as_os_str(),
+            OsStr::new("--addr"),
+            OsStr::new("127.0.0.1:0"),
+        ],
+    );
+    let worker = master.wait_serving();
+    signal(worker, libc::SIGHUP);
+    master
+        .proc
+        .wait_line("the worker to decline the SIGHUP", |l| {
+            l.contains("SIGHUP ignored").then_some(())
+        });
+    assert!(
+        reborn_testkit::children(worker).is_empty(),
+        "no child started"
+    );
+    assert!(alive(worker));
+    let status = master.status();
+    assert_eq!(status["generation"], 1);
+    assert_eq!(status["workers"].as_array().unwrap().len(), 1);
+    // It drains on the stop signal and exits with the master.
+    let (ok, text) = master.upgrade();
+    assert!(ok, "{text}");
+    wait_for("the old demo worker to exit", PATIENCE, || {
+        (!alive(worker)).then_some(())
+    });
+}
