@@ -132,6 +132,8 @@ struct Worker {
     ready_at: Option<Instant>,
     role: Role,
     stop_sent: bool,
+    /// `READY=1` arrived before the PID did.
+    ready_early: bool,
     status: Option<String>,
     _notify: Arc<NotifyReceiver>,
     watcher: AbortHandle,
@@ -346,6 +348,7 @@ impl Supervisor {
                 ready_at: None,
                 role: Role::Starting(purpose),
                 stop_sent: false,
+                ready_early: false,
                 status: None,
                 _notify: notify,
                 watcher,
@@ -370,6 +373,8 @@ impl Supervisor {
                     if w.role == Role::Draining {
                         // Told to stop while it was being started.
                         self.stop_worker(generation);
+                    } else if w.ready_early {
+                        self.on_ready(generation, "READY=1");
                     }
                 }
             }
@@ -412,7 +417,9 @@ impl Supervisor {
             return;
         };
         if w.pid.is_none() {
-            // A READY=1 can only come from the started process; wait for its PID.
+            // The worker reported before the spawning thread's word that it started
+            // reached this loop: act on it once its PID is known.
+            w.ready_early = true;
             return;
         }
         if self.current.is_some_and(|c| c > generation) {
