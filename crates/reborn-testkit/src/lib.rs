@@ -33,7 +33,10 @@ fn ensure_built(path: PathBuf, package: &str, kind: &str, name: &str) -> PathBuf
             cmd.arg("--release");
         }
         let status = cmd.status().expect("cargo runs");
-        assert!(status.success(), "cargo build -p {package} {kind} {name} failed");
+        assert!(
+            status.success(),
+            "cargo build -p {package} {kind} {name} failed"
+        );
         built.push(path.clone());
     }
     assert!(path.exists(), "{} was not built", path.display());
@@ -47,7 +50,12 @@ pub fn bin(package: &str, name: &str) -> PathBuf {
 
 /// The path of an example of a workspace package, built if missing.
 pub fn example(package: &str, name: &str) -> PathBuf {
-    ensure_built(target_dir().join("examples").join(name), package, "--example", name)
+    ensure_built(
+        target_dir().join("examples").join(name),
+        package,
+        "--example",
+        name,
+    )
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
@@ -71,7 +79,9 @@ pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state follows the command name in parentheses.
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
             !matches!(state, Some("Z") | Some("X") | None)
         }
         Err(_) => false,
@@ -82,12 +92,19 @@ pub fn alive(pid: u32) -> bool {
 pub fn signal(pid: u32, signal: i32) {
     // SAFETY: kill has no memory-safety preconditions.
     let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
-    assert_eq!(rc, 0, "kill({pid}, {signal}): {}", io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {signal}): {}",
+        io::Error::last_os_error()
+    );
 }
 
 /// The number of open file descriptors of a process.
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// The PIDs of the direct children of `pid`.
@@ -97,7 +114,10 @@ pub fn children(pid: u32) -> Vec<u32> {
         for task in tasks.flatten() {
             let file = task.path().join("children");
             if let Ok(text) = std::fs::read_to_string(file) {
-                out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
             }
         }
     }
@@ -115,8 +135,12 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` with piped stdout and stderr.
     pub fn start(mut cmd: Command) -> Proc {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().expect("piped");
         let err = child.stderr.take().expect("piped");
@@ -142,7 +166,10 @@ impl Proc {
 
     /// Everything printed so far.
     pub fn output(&self) -> String {
-        self.lines.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
     }
 
     /// Waits for a printed line for which `find` returns `Some`.
@@ -156,7 +183,10 @@ impl Proc {
                 }
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; output so far:\n{}", self.output());
+                panic!(
+                    "timed out waiting for {what}; output so far:\n{}",
+                    self.output()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -166,7 +196,9 @@ impl Proc {
     /// signal).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let child = &mut self.child;
-        let status = wait_for("the process to exit", timeout, || child.try_wait().ok().flatten());
+        let status = wait_for("the process to exit", timeout, || {
+            child.try_wait().ok().flatten()
+        });
         status.code()
     }
 }
@@ -194,7 +226,10 @@ pub struct Response {
 impl Response {
     /// A header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -209,7 +244,9 @@ impl Http1 {
         let stream = TcpStream::connect_timeout(&addr, PATIENCE)?;
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
         stream.set_nodelay(true)?;
-        Ok(Http1 { stream: BufReader::new(stream) })
+        Ok(Http1 {
+            stream: BufReader::new(stream),
+        })
     }
 
     /// Sends `GET path` and reads the response (`Content-Length` bodies only).
@@ -228,13 +265,21 @@ pub fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
 fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a response"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed before a response",
+        ));
     }
     let status = line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {line:?}")))?;
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad status line {line:?}"),
+            )
+        })?;
     let mut headers = Vec::new();
     loop {
         line.clear();
@@ -254,13 +299,18 @@ fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
         .unwrap_or(0);
     let mut body = vec![0; len];
     r.read_exact(&mut body)?;
-    Ok(Response { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// Copies a file to `dir/name`, keeping its permissions, and returns the new path.
 pub fn copy_to(src: &Path, dir: &Path, name: &str) -> PathBuf {
     let dst = dir.join(name);
-    std::fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));
+    std::fs::copy(src, &dst)
+        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));
     dst
 }
 
@@ -269,7 +319,10 @@ pub fn copy_to(src: &Path, dir: &Path, name: &str) -> PathBuf {
 pub fn replace_with_variant(path: &Path, src: &Path, extra: &[u8]) {
     let tmp = path.with_extension("new");
     std::fs::copy(src, &tmp).expect("copy the binary");
-    let mut f = std::fs::OpenOptions::new().append(true).open(&tmp).expect("open copy");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&tmp)
+        .expect("open copy");
     f.write_all(extra).expect("append");
     drop(f);
     std::fs::rename(&tmp, path).expect("rename over the old binary");
@@ -320,7 +373,8 @@ impl Load {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let result = match conn.take() {
                         Some(mut c) => c.get(&path).map(|r| (r, Some(c))),
-                        None => Http1::connect(addr).and_then(|mut c| c.get(&path).map(|r| (r, Some(c)))),
+                        None => Http1::connect(addr)
+                            .and_then(|mut c| c.get(&path).map(|r| (r, Some(c)))),
                     };
                     let mut rep = report.lock().unwrap_or_else(|e| e.into_inner());
                     match result {
@@ -329,7 +383,9 @@ impl Load {
                             if !rep.bodies.contains(&resp.body) {
                                 rep.bodies.push(resp.body.clone());
                             }
-                            let closing = resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                            let closing = resp
+                                .header("connection")
+                                .is_some_and(|v| v.eq_ignore_ascii_case("close"));
                             if reuse && !closing {
                                 conn = c;
                             }
@@ -337,25 +393,36 @@ impl Load {
                         Ok((resp, _)) => {
                             rep.failed += 1;
                             if rep.errors.len() < 20 {
-                                rep.errors.push(format!("status {}: {}", resp.status, resp.body));
+                                rep.errors
+                                    .push(format!("status {}: {}", resp.status, resp.body));
                             }
                         }
                         Err(e) => {
                             rep.failed += 1;
                             if rep.errors.len() < 20 {
-                                rep.errors.push(format!("{} connection: {e}", if reuse { "keep-alive" } else { "new" }));
+                                rep.errors.push(format!(
+                                    "{} connection: {e}",
+                                    if reuse { "keep-alive" } else { "new" }
+                                ));
                             }
                         }
                     }
                 }
             }));
         }
-        Load { stop, threads, report }
+        Load {
+            stop,
+            threads,
+            report,
+        }
     }
 
     /// What was counted so far.
     pub fn snapshot(&self) -> LoadReport {
-        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Stops the clients (each finishes its current request) and returns the count.
@@ -364,7 +431,9 @@ impl Load {
         for t in self.threads {
             let _ = t.join();
         }
-        let report = self.report.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        report
+        self.report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }

@@ -23,8 +23,7 @@ async fn ping() -> Json<Value> {
 fn main() -> Result<(), reborn::Error> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let addr = addr_from_args().unwrap_or_else(|msg| {
@@ -42,13 +41,21 @@ fn addr_from_args() -> Result<String, String> {
     let mut addr = "0.0.0.0:8080".to_owned();
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--addr" => addr = args.next().ok_or("--addr needs a value, e.g. --addr 127.0.0.1:8080")?,
+            "--addr" => {
+                addr = args
+                    .next()
+                    .ok_or("--addr needs a value, e.g. --addr 127.0.0.1:8080")?
+            }
             a if a.starts_with("--addr=") => addr = a["--addr=".len()..].to_owned(),
             "-h" | "--help" => {
                 println!("usage: ping [--addr HOST:PORT]   (default 0.0.0.0:8080)");
                 std::process::exit(0);
             }
-            other => return Err(format!("unknown argument {other:?}; usage: ping [--addr HOST:PORT]")),
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?}; usage: ping [--addr HOST:PORT]"
+                ));
+            }
         }
     }
     Ok(addr)

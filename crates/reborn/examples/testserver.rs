@@ -37,7 +37,11 @@ fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        let ms = |v: String| v.parse::<u64>().map(Duration::from_millis).map_err(|e| format!("{v}: {e}"));
+        let ms = |v: String| {
+            v.parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|e| format!("{v}: {e}"))
+        };
         match flag.as_str() {
             "--addr" => a.addr = value()?,
             "--unix" => a.unix = Some(value()?),
@@ -97,7 +101,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if args.ready_delay.is_some() {
         builder = builder.ready_mode(reborn::ReadyMode::Manual);
     }
-    for signal in [reborn::Signal::Usr1, reborn::Signal::Tstp, reborn::Signal::Term] {
+    for signal in [
+        reborn::Signal::Usr1,
+        reborn::Signal::Tstp,
+        reborn::Signal::Term,
+    ] {
         builder = builder
             .before(signal, move || println!("hook: before {signal}"))
             .after(signal, move || println!("hook: after {signal}"));
@@ -132,11 +140,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let unix_task = unix.map(|l| tokio::spawn({
-            let reborn = reborn.clone();
-            let app = app.clone();
-            async move { reborn.serve(l, app).await }
-        }));
+        let unix_task = unix.map(|l| {
+            tokio::spawn({
+                let reborn = reborn.clone();
+                let app = app.clone();
+                async move { reborn.serve(l, app).await }
+            })
+        });
         if let Some(delay) = args.ready_delay {
             let reborn = reborn.clone();
             tokio::spawn(async move {

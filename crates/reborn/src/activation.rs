@@ -371,9 +371,8 @@ fn check_listening_socket(raw: RawFd, name: Option<&str>) -> Result<(), Activati
     }
     let borrowed = unsafe_borrow(raw);
     let sock_type = nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::SockType);
-    let listening =
-        nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::AcceptConn)
-            .unwrap_or(false);
+    let listening = nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::AcceptConn)
+        .unwrap_or(false);
     let name = name.unwrap_or(UNNAMED).to_owned();
     match sock_type {
         Ok(nix::sys::socket::SockType::Stream) if listening => Ok(()),
@@ -401,7 +400,6 @@ fn unsafe_borrow(raw: RawFd) -> std::os::fd::BorrowedFd<'static> {
     // after the checks, and kept).
     unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -449,7 +447,14 @@ mod tests {
         assert!(parse_listen_fds(Some("x"), Some("1"), None, 7).is_err());
         assert!(parse_listen_fds(Some("0"), Some("1"), None, 7).is_err());
         let e = parse_listen_fds(Some("7"), Some("2"), Some("a"), 7).unwrap_err();
-        assert!(matches!(e, ActivationError::NameCount { named: 1, count: 2, .. }));
+        assert!(matches!(
+            e,
+            ActivationError::NameCount {
+                named: 1,
+                count: 2,
+                ..
+            }
+        ));
         assert!(parse_listen_fds(Some("7"), Some("1"), Some("bad\u{1}"), 7).is_err());
     }
 

@@ -71,7 +71,9 @@ pub enum Error {
     #[error(transparent)]
     Upgrade(#[from] crate::upgrade::UpgradeError),
     /// Writing the PID file failed.
-    #[error("cannot write the PID file {path}: {source}; check that its directory exists and is writable")]
+    #[error(
+        "cannot write the PID file {path}: {source}; check that its directory exists and is writable"
+    )]
     PidFile {
         /// The PID file.
         path: PathBuf,

@@ -1,4 +1,92 @@
-//! TODO docs
+//! Zero-downtime restarts and hot upgrades for Rust network servers.
+//!
+//! A server built with reborn upgrades itself in place: `kill -HUP <pid>` starts the
+//! binary that is *now on disk* as a new process that inherits the listening sockets.
+//! Once the new process is ready, the old one stops accepting, finishes every request
+//! already accepted, closes its idle keep-alive connections without racing the clients,
+//! and exits. If the new process fails — it crashes, never gets ready, cannot start —
+//! the old one keeps serving and logs why. No request is refused or reset on the way.
+//!
+//! # Quick start
+//!
+//! An axum server changes one line: `axum::serve(listener, app)` becomes
+//! `reborn::serve(addr, app)`.
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//!
+//! fn main() -> Result<(), reborn::Error> {
+//!     let app = Router::new().route("/ping", get(|| async { "pong" }));
+//!     reborn::listen_and_serve("0.0.0.0:8080", app)
+//! }
+//! ```
+//!
+//! Then, with the server running:
+//!
+//! | signal | what happens |
+//! |---|---|
+//! | `SIGHUP` | upgrade to the binary on disk |
+//! | `SIGTERM`, `SIGINT` | graceful shutdown: drain, then exit 0 |
+//! | `SIGUSR2` | hammer: close every connection now |
+//! | `SIGUSR1`, `SIGTSTP` | your hooks ([`Builder::on`]) |
+//!
+//! # More control
+//!
+//! [`Reborn`] is the process's share of the protocol; [`Builder`] configures it.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use axum::{Router, routing::get};
+//!
+//! fn main() -> Result<(), reborn::Error> {
+//!     reborn::init(); // first thing: take LISTEN_FDS & co. while single-threaded
+//!     let reborn = reborn::Reborn::builder()
+//!         .drain_timeout(Duration::from_secs(30))
+//!         .pid_file("/run/app.pid")
+//!         .on(reborn::Signal::Usr1, || tracing::info!("reopen the logs"))
+//!         .build()?;
+//!     let public = reborn.listen("http", "0.0.0.0:8080")?;
+//!     let admin = reborn.listen("admin", "/run/app-admin.sock")?;
+//!     let app = Router::new().route("/", get(|| async { "hello" }));
+//!     let ops = Router::new().route("/health", get(|| async { "ok" }));
+//!     let rt = tokio::runtime::Runtime::new().map_err(reborn::Error::Runtime)?;
+//!     rt.block_on(async {
+//!         let r = reborn.clone();
+//!         let admin = tokio::spawn(async move { r.serve(admin, ops).await });
+//!         reborn.serve(public, app).await?;
+//!         admin.await.map_err(|e| reborn::Error::Runtime(std::io::Error::other(e)))?
+//!     })
+//! }
+//! ```
+//!
+//! A server with its own accept loop (a TLS terminator, a raw TCP protocol) takes the
+//! socket with [`Listener::into_socket`], calls [`Reborn::ready`] once it accepts, and
+//! stops accepting when [`Shutdown::draining`] resolves.
+//!
+//! # One protocol, three hosts
+//!
+//! Between whatever starts a server and the server, reborn speaks only systemd's
+//! protocols, so one binary works in three places:
+//!
+//! * **on its own**: the previous generation starts it, passes the sockets as
+//!   `LISTEN_FDS`/`LISTEN_FDNAMES` from fd 3 with `LISTEN_PID` set to the new process's
+//!   PID, and waits for `READY=1` on a private `NOTIFY_SOCKET`;
+//! * **under systemd** (`Type=notify`, `NotifyAccess=all`, optionally socket-activated):
+//!   the sockets come from systemd; on each upgrade systemd hears `RELOADING=1`, then
+//!   `MAINPID=<new pid>` and `READY=1` from the new process;
+//! * **under the `reborn` master** (`reborn run -- ./server`), which keeps the sockets and
+//!   a stable PID for supervisors: the server reports ready and drains on `SIGTERM`, and
+//!   leaves upgrades to the master.
+//!
+//! Listeners are found by name, then by address, then bound anew (see [`listeners`]).
+//!
+//! # The drain
+//!
+//! hyper's graceful shutdown closes idle HTTP/1.1 connections at once, racing clients
+//! that are sending their next request; every peer tool loses requests there. reborn
+//! answers the next request on each connection with `Connection: close` and closes a
+//! connection only after it stayed idle for a grace period ([`Builder::idle_grace`]);
+//! HTTP/2 connections get a graceful GOAWAY. See [`drain`].
 #![warn(missing_docs)]
 
 pub mod activation;

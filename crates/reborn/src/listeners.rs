@@ -79,9 +79,11 @@ impl ListenAddr {
         let Some((host, port)) = trimmed.rsplit_once(':') else {
             return Err(bad("it has no port"));
         };
-        let port: u16 = port
-            .parse()
-            .map_err(|_| bad(&format!("the port {port:?} is not a number from 0 to 65535")))?;
+        let port: u16 = port.parse().map_err(|_| {
+            bad(&format!(
+                "the port {port:?} is not a number from 0 to 65535"
+            ))
+        })?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let host = if host.is_empty() { "0.0.0.0" } else { host };
         let addrs: Vec<SocketAddr> = (host, port)
@@ -215,7 +217,9 @@ impl ListenerSet {
                     addr: addr.to_string(),
                     source: io::Error::new(
                         io::ErrorKind::AlreadyExists,
-                        format!("a listener named {name:?} was already asked for; give each listener its own name"),
+                        format!(
+                            "a listener named {name:?} was already asked for; give each listener its own name"
+                        ),
                     ),
                 });
             }
@@ -248,7 +252,10 @@ impl ListenerSet {
 
     /// The addresses of the listeners handed out, for logs and status lines.
     pub(crate) fn addresses(&self) -> Vec<String> {
-        self.handed.iter().map(|(fd, _)| describe_addr(fd)).collect()
+        self.handed
+            .iter()
+            .map(|(fd, _)| describe_addr(fd))
+            .collect()
     }
 
     /// How many listeners were handed out.
@@ -324,9 +331,11 @@ fn bound_to(fd: &OwnedFd, addr: &ListenAddr) -> Option<bool> {
     match addr {
         ListenAddr::Tcp { addrs, .. } => {
             let local = local.as_socket()?;
-            Some(addrs.iter().any(|want| {
-                *want == local || (want.port() == 0 && want.ip() == local.ip())
-            }))
+            Some(
+                addrs
+                    .iter()
+                    .any(|want| *want == local || (want.port() == 0 && want.ip() == local.ip())),
+            )
         }
         ListenAddr::Unix(path) => {
             if !local.is_unix() {
@@ -358,18 +367,24 @@ fn describe(fd: &OwnedFd) -> String {
     let sock = SockRef::from(fd);
     match sock.local_addr() {
         Ok(a) if a.as_socket().is_some() => {
-            format!("a TCP socket on {}", a.as_socket().map(|s| s.to_string()).unwrap_or_default())
+            format!(
+                "a TCP socket on {}",
+                a.as_socket().map(|s| s.to_string()).unwrap_or_default()
+            )
         }
         Ok(a) if a.is_unix() => format!(
             "a Unix socket at {}",
-            a.as_pathname().map(|p| p.display().to_string()).unwrap_or_else(|| "(unnamed)".into())
+            a.as_pathname()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(unnamed)".into())
         ),
         _ => "a socket of another kind".into(),
     }
 }
 
 fn into_listener_socket(fd: OwnedFd, addr: &ListenAddr) -> Result<ListenerSocket> {
-    let set_nonblocking = |r: io::Result<()>| r.map_err(|e| Error::io("cannot make a listener non-blocking", e));
+    let set_nonblocking =
+        |r: io::Result<()>| r.map_err(|e| Error::io("cannot make a listener non-blocking", e));
     Ok(match addr {
         ListenAddr::Tcp { .. } => {
             let l = std::net::TcpListener::from(fd);
@@ -462,10 +477,20 @@ mod tests {
     #[test]
     fn parses_addresses() {
         let a = ListenAddr::parse(":8080").unwrap();
-        assert!(matches!(&a, ListenAddr::Tcp { addrs, .. } if addrs[0].to_string() == "0.0.0.0:8080"));
-        assert!(matches!(ListenAddr::parse("[::1]:80").unwrap(), ListenAddr::Tcp { .. }));
-        assert!(matches!(ListenAddr::parse("localhost:0").unwrap(), ListenAddr::Tcp { .. }));
-        assert!(matches!(ListenAddr::parse("unix:x.sock").unwrap(), ListenAddr::Unix(p) if p == Path::new("x.sock")));
+        assert!(
+            matches!(&a, ListenAddr::Tcp { addrs, .. } if addrs[0].to_string() == "0.0.0.0:8080")
+        );
+        assert!(matches!(
+            ListenAddr::parse("[::1]:80").unwrap(),
+            ListenAddr::Tcp { .. }
+        ));
+        assert!(matches!(
+            ListenAddr::parse("localhost:0").unwrap(),
+            ListenAddr::Tcp { .. }
+        ));
+        assert!(
+            matches!(ListenAddr::parse("unix:x.sock").unwrap(), ListenAddr::Unix(p) if p == Path::new("x.sock"))
+        );
         for bad in ["", "8080", "1.2.3.4:99999", "host:abc", "unix:"] {
             let e = ListenAddr::parse(bad).unwrap_err();
             assert!(e.to_string().contains("is not a listen address"), "{e}");
@@ -489,19 +514,29 @@ mod tests {
         let b_addr = SockRef::from(&b).local_addr().unwrap().as_socket().unwrap();
         let mut set = ListenerSet::new(
             vec![
-                InheritedSocket { fd: a, name: Some("http".into()) },
+                InheritedSocket {
+                    fd: a,
+                    name: Some("http".into()),
+                },
                 InheritedSocket { fd: b, name: None },
             ],
             16,
         );
         let by_addr = set
-            .listen(Some("admin"), &ListenAddr::parse(&b_addr.to_string()).unwrap())
+            .listen(
+                Some("admin"),
+                &ListenAddr::parse(&b_addr.to_string()).unwrap(),
+            )
             .unwrap();
         assert!(by_addr.is_inherited());
         assert_eq!(by_addr.tcp_addr(), Some(b_addr));
-        let by_name = set.listen(Some("http"), &ListenAddr::parse("127.0.0.1:0").unwrap()).unwrap();
+        let by_name = set
+            .listen(Some("http"), &ListenAddr::parse("127.0.0.1:0").unwrap())
+            .unwrap();
         assert!(by_name.is_inherited());
-        let fresh = set.listen(Some("other"), &ListenAddr::parse("127.0.0.1:0").unwrap()).unwrap();
+        let fresh = set
+            .listen(Some("other"), &ListenAddr::parse("127.0.0.1:0").unwrap())
+            .unwrap();
         assert!(!fresh.is_inherited());
         assert_eq!(set.handed_count(), 3);
         let wrong = set.listen(Some("http"), &ListenAddr::parse("127.0.0.1:0").unwrap());
@@ -516,8 +551,16 @@ mod tests {
         drop(bind(&addr, 16).unwrap()); // leaves a stale file
         let live = bind(&addr, 16).unwrap();
         assert!(matches!(bind(&addr, 16), Err(Error::AddrInUse { .. })));
-        let mut set = ListenerSet::new(vec![InheritedSocket { fd: live, name: Some("web".into()) }], 16);
-        let e = set.listen(Some("web"), &ListenAddr::parse("127.0.0.1:0").unwrap()).unwrap_err();
+        let mut set = ListenerSet::new(
+            vec![InheritedSocket {
+                fd: live,
+                name: Some("web".into()),
+            }],
+            16,
+        );
+        let e = set
+            .listen(Some("web"), &ListenAddr::parse("127.0.0.1:0").unwrap())
+            .unwrap_err();
         assert!(matches!(e, Error::InheritedMismatch { .. }), "{e}");
     }
 }

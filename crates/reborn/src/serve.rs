@@ -93,7 +93,9 @@ impl Reborn {
                 Err(e) => accept_error(&addr, e).await,
             }
         }
-        if inner.drain.reason() == Some(DrainReason::Shutdown) && inner.drain.phase() == Phase::Draining {
+        if inner.drain.reason() == Some(DrainReason::Shutdown)
+            && inner.drain.phase() == Phase::Draining
+        {
             // No successor will accept what is already queued: accept it, and serve it
             // under the drain's rules, rather than let it be reset at exit.
             let mut swept = 0;

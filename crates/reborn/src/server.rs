@@ -182,7 +182,11 @@ impl Builder {
         let process = crate::process_info();
         let listeners = ListenerSet::new(env.sockets, self.config.backlog);
         let inner = Inner {
-            exe: self.config.executable.clone().unwrap_or(process.exe.clone()),
+            exe: self
+                .config
+                .executable
+                .clone()
+                .unwrap_or(process.exe.clone()),
             process: process.clone(),
             config: self.config,
             hooks: self.hooks,
@@ -347,7 +351,8 @@ impl Inner {
                             Ok(done) => tracing::info!(
                                 pid = done.pid,
                                 took_ms = done.took.as_millis() as u64,
-                                "upgrade committed: pid {} serves", done.pid
+                                "upgrade committed: pid {} serves",
+                                done.pid
                             ),
                             Err(e) => tracing::error!("upgrade failed: {e}"),
                         }

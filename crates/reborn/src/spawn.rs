@@ -281,7 +281,11 @@ impl ExecPlan {
         // SAFETY: execve is async-signal-safe; the arrays are NUL-terminated and point
         // into strings owned by `self`, which outlives the call.
         unsafe {
-            libc::execve(self.program.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr());
+            libc::execve(
+                self.program.as_ptr(),
+                self.argv.as_ptr(),
+                self.envp.as_ptr(),
+            );
         }
         Err(io::Error::last_os_error())
     }
@@ -363,7 +367,10 @@ mod tests {
         let text = String::from_utf8(out.stdout).unwrap();
         let mut lines = text.lines();
         let first: Vec<&str> = lines.next().unwrap().split(' ').collect();
-        assert_eq!(first[0], first[1], "LISTEN_PID is the child's own pid: {text}");
+        assert_eq!(
+            first[0], first[1],
+            "LISTEN_PID is the child's own pid: {text}"
+        );
         assert_eq!(first[2], "2");
         assert_eq!(first[3], "one:unknown");
         assert_eq!(lines.next(), Some("2"), "{text}");

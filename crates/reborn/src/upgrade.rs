@@ -36,7 +36,9 @@ pub struct Upgraded {
 #[non_exhaustive]
 pub enum UpgradeError {
     /// Another upgrade is under way.
-    #[error("an upgrade is already in progress; this request was ignored, not queued (retry once it is done)")]
+    #[error(
+        "an upgrade is already in progress; this request was ignored, not queued (retry once it is done)"
+    )]
     InProgress,
     /// This process has handed over, or is shutting down.
     #[error(
@@ -66,7 +68,9 @@ pub enum UpgradeError {
         path: std::path::PathBuf,
     },
     /// The binary cannot be executed.
-    #[error("{path} is not executable ({reason}): fix it (e.g. chmod +x), then upgrade again (the running version keeps serving)")]
+    #[error(
+        "{path} is not executable ({reason}): fix it (e.g. chmod +x), then upgrade again (the running version keeps serving)"
+    )]
     NotExecutable {
         /// The path.
         path: std::path::PathBuf,

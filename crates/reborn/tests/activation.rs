@@ -9,12 +9,20 @@ use reborn_testkit::{PATIENCE, Proc, alive, signal, wait_for};
 
 /// A free port for tools that insist on binding themselves: bound, read, released.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn run_to_end(mut cmd: Command) -> (Option<i32>, String) {
     let out = cmd.output().expect("runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.code(), text)
 }
 
@@ -23,7 +31,10 @@ fn run_to_end(mut cmd: Command) -> (Option<i32>, String) {
 /// socket it was handed (found by address), and a `SIGHUP` hands it on.
 #[test]
 fn serves_and_upgrades_under_systemd_socket_activate() {
-    let Ok(_) = Command::new("systemd-socket-activate").arg("--version").output() else {
+    let Ok(_) = Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+    else {
         panic!("systemd-socket-activate is missing: apt-get install systemd");
     };
     let dir = tempfile::tempdir().unwrap();
@@ -31,25 +42,44 @@ fn serves_and_upgrades_under_systemd_socket_activate() {
     let port = free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut cmd = Command::new("systemd-socket-activate");
-    cmd.arg("-l").arg(addr.to_string()).arg(&bin).args(["--addr", &addr.to_string(), "--pid-file"]).arg(dir.path().join("pid"));
+    cmd.arg("-l")
+        .arg(addr.to_string())
+        .arg(&bin)
+        .args(["--addr", &addr.to_string(), "--pid-file"])
+        .arg(dir.path().join("pid"));
     let mut proc = Proc::start(cmd);
-    proc.wait_line("systemd-socket-activate listening", |l| l.contains("Listening on").then_some(()));
+    proc.wait_line("systemd-socket-activate listening", |l| {
+        l.contains("Listening on").then_some(())
+    });
     // The first connection starts the server, which accepts it from the inherited socket.
     let first = reborn_testkit::get(addr, "/ping").expect("served through the inherited socket");
     let pid = body_pid(&first.body).unwrap();
-    assert_eq!(pid, proc.pid(), "systemd-socket-activate execs the server in its own process");
-    assert!(proc.output().contains("inherited=true"), "{}", proc.output());
+    assert_eq!(
+        pid,
+        proc.pid(),
+        "systemd-socket-activate execs the server in its own process"
+    );
+    assert!(
+        proc.output().contains("inherited=true"),
+        "{}",
+        proc.output()
+    );
 
     reborn_testkit::replace_with_variant(&bin, &testserver(), b"v2");
     signal(pid, libc::SIGHUP);
     let new_pid = wait_for("the new generation", PATIENCE, || {
-        reborn_testkit::get(addr, "/ping").ok().and_then(|r| body_pid(&r.body)).filter(|p| *p != pid)
+        reborn_testkit::get(addr, "/ping")
+            .ok()
+            .and_then(|r| body_pid(&r.body))
+            .filter(|p| *p != pid)
     });
     assert_eq!(proc.wait_exit(PATIENCE), Some(0));
     let resp = reborn_testkit::get(addr, "/ping").unwrap();
     assert_eq!(body_pid(&resp.body), Some(new_pid));
     signal(new_pid, libc::SIGTERM);
-    wait_for("the last generation to exit", PATIENCE, || (!alive(new_pid)).then_some(()));
+    wait_for("the last generation to exit", PATIENCE, || {
+        (!alive(new_pid)).then_some(())
+    });
 }
 
 /// Named sockets (`LISTEN_FDNAMES`) are found by name even when the address asked for
@@ -59,40 +89,67 @@ fn finds_inherited_sockets_by_name() {
     let port = free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut cmd = Command::new("systemd-socket-activate");
-    cmd.arg("-l").arg(addr.to_string()).arg("--fdname=http").arg(testserver()).args(["--addr", "127.0.0.1:0"]);
+    cmd.arg("-l")
+        .arg(addr.to_string())
+        .arg("--fdname=http")
+        .arg(testserver())
+        .args(["--addr", "127.0.0.1:0"]);
     let proc = Proc::start(cmd);
-    proc.wait_line("systemd-socket-activate listening", |l| l.contains("Listening on").then_some(()));
+    proc.wait_line("systemd-socket-activate listening", |l| {
+        l.contains("Listening on").then_some(())
+    });
     let resp = reborn_testkit::get(addr, "/ping").expect("served on the named socket");
     assert_eq!(body_pid(&resp.body), Some(proc.pid()));
-    proc.wait_line("the name", |l| (l.contains("inherited=true") && l.contains("name=\"http\"")).then_some(()));
+    proc.wait_line("the name", |l| {
+        (l.contains("inherited=true") && l.contains("name=\"http\"")).then_some(())
+    });
 }
 
 #[test]
 fn garbage_listen_fds_gets_one_precise_error() {
     let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c").arg("LISTEN_PID=$$ LISTEN_FDS=three exec \"$0\" --addr 127.0.0.1:0").arg(testserver());
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=three exec \"$0\" --addr 127.0.0.1:0")
+        .arg(testserver());
     let (code, out) = run_to_end(cmd);
     assert_eq!(code, Some(1));
-    assert!(out.contains("LISTEN_FDS=\"three\" is not a number of file descriptors"), "{out}");
+    assert!(
+        out.contains("LISTEN_FDS=\"three\" is not a number of file descriptors"),
+        "{out}"
+    );
 }
 
 #[test]
 fn a_listen_fds_fd_that_is_not_a_socket_is_named() {
     let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c").arg("exec 3</etc/hostname; LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --addr 127.0.0.1:0").arg(testserver());
+    cmd.arg("-c")
+        .arg("exec 3</etc/hostname; LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --addr 127.0.0.1:0")
+        .arg(testserver());
     let (code, out) = run_to_end(cmd);
     assert_eq!(code, Some(1));
-    assert!(out.contains("fd 3") && out.contains("regular file"), "{out}");
+    assert!(
+        out.contains("fd 3") && out.contains("regular file"),
+        "{out}"
+    );
 }
 
 #[test]
 fn listen_fds_for_another_process_are_ignored() {
     let mut cmd = Command::new(testserver());
-    cmd.args(["--addr", "127.0.0.1:0"]).env("LISTEN_PID", "1").env("LISTEN_FDS", "1");
+    cmd.args(["--addr", "127.0.0.1:0"])
+        .env("LISTEN_PID", "1")
+        .env("LISTEN_FDS", "1");
     let proc = Proc::start(cmd);
-    let addr: std::net::SocketAddr = proc.wait_line("the address", |l| l.strip_prefix("listening on ")?.parse().ok());
+    let addr: std::net::SocketAddr = proc.wait_line("the address", |l| {
+        l.strip_prefix("listening on ")?.parse().ok()
+    });
     assert_eq!(reborn_testkit::get(addr, "/ping").unwrap().status, 200);
-    assert!(proc.output().contains("LISTEN_FDS is set for another process"), "{}", proc.output());
+    assert!(
+        proc.output()
+            .contains("LISTEN_FDS is set for another process"),
+        "{}",
+        proc.output()
+    );
 }
 
 #[test]
@@ -101,7 +158,12 @@ fn a_bad_address_gets_one_precise_error() {
     cmd.args(["--addr", "localhost:http"]);
     let (code, out) = run_to_end(cmd);
     assert_eq!(code, Some(1));
-    assert!(out.contains("\"localhost:http\" is not a listen address: the port \"http\" is not a number"), "{out}");
+    assert!(
+        out.contains(
+            "\"localhost:http\" is not a listen address: the port \"http\" is not a number"
+        ),
+        "{out}"
+    );
 }
 
 #[test]
@@ -112,7 +174,12 @@ fn a_port_in_use_gets_one_precise_error() {
     cmd.args(["--addr", &addr]);
     let (code, out) = run_to_end(cmd);
     assert_eq!(code, Some(1));
-    assert!(out.contains(&format!("cannot listen on {addr}: the address is already in use")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "cannot listen on {addr}: the address is already in use"
+        )),
+        "{out}"
+    );
 }
 
 /// A Unix socket listener beside the TCP one: both are handed on, in order, by name.
@@ -134,7 +201,9 @@ fn unix_and_tcp_listeners_are_both_handed_on() {
     signal(old, libc::SIGHUP);
     let new = server.wait_new_pid(old);
     wait_for("the new generation on the Unix socket", PATIENCE, || {
-        get_unix().ok().filter(|b| b.contains(&format!("pid={new}")))
+        get_unix()
+            .ok()
+            .filter(|b| b.contains(&format!("pid={new}")))
     });
     assert_eq!(body_pid(&server.get("/ping").body), Some(new));
 }

@@ -8,7 +8,9 @@ use common::{Server, body_pid};
 use reborn_testkit::{Http1, PATIENCE, signal};
 
 fn wait_slow_started(server: &Server) {
-    server.proc.wait_line("the slow request", |l| l.starts_with("slow request started").then_some(()));
+    server.proc.wait_line("the slow request", |l| {
+        l.starts_with("slow request started").then_some(())
+    });
 }
 
 #[test]
@@ -25,22 +27,34 @@ fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     let mut idle = Http1::connect(addr).unwrap();
     assert_eq!(idle.get("/ping").unwrap().status, 200);
     signal(server.proc.pid(), libc::SIGTERM);
-    server.proc.wait_line("the drain", |l| l.contains("draining").then_some(()));
+    server
+        .proc
+        .wait_line("the drain", |l| l.contains("draining").then_some(()));
     // New connections are refused once the process stops listening.
     reborn_testkit::wait_for("the listener to close", PATIENCE, || {
         std::net::TcpStream::connect(addr).is_err().then_some(())
     });
     // The idle connection's next request, inside the grace, is answered and closes it.
-    let resp = idle.get("/ping").expect("a request on an idle connection during the grace");
+    let resp = idle
+        .get("/ping")
+        .expect("a request on an idle connection during the grace");
     assert_eq!(resp.header("connection"), Some("close"));
     for t in slow {
         let r = t.join().unwrap().expect("the in-flight request completes");
         assert_eq!(r.status, 200);
         assert_eq!(r.header("connection"), Some("close"));
     }
-    assert_eq!(server.proc.wait_exit(PATIENCE), Some(0), "{}", server.proc.output());
+    assert_eq!(
+        server.proc.wait_exit(PATIENCE),
+        Some(0),
+        "{}",
+        server.proc.output()
+    );
     let out = server.proc.output();
-    assert!(out.contains("hook: before SIGTERM") && out.contains("hook: after SIGTERM"), "{out}");
+    assert!(
+        out.contains("hook: before SIGTERM") && out.contains("hook: after SIGTERM"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -59,7 +73,10 @@ fn idle_keep_alive_connections_close_after_the_grace_not_before() {
     // Either it was answered (the request raced in inside the grace) or closed cleanly.
     if let Some(e) = err {
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
-        assert!(closed_after >= Duration::from_millis(700), "closed after {closed_after:?}, before the grace");
+        assert!(
+            closed_after >= Duration::from_millis(700),
+            "closed after {closed_after:?}, before the grace"
+        );
     }
     assert_eq!(slow.join().unwrap().unwrap().status, 200);
     assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
@@ -75,7 +92,10 @@ fn sigusr2_hammers_in_flight_requests() {
     signal(server.proc.pid(), libc::SIGUSR2);
     assert!(slow.join().unwrap().is_err(), "the request is cut off");
     assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
-    assert!(t.elapsed() < Duration::from_secs(15), "the hammer did not wait for the request");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "the hammer did not wait for the request"
+    );
 }
 
 #[test]
@@ -87,16 +107,24 @@ fn the_drain_deadline_hammers_what_is_left() {
     signal(server.proc.pid(), libc::SIGTERM);
     assert!(slow.join().unwrap().is_err(), "cut off at the deadline");
     assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
-    assert!(server.proc.output().contains("drain deadline"), "{}", server.proc.output());
+    assert!(
+        server.proc.output().contains("drain deadline"),
+        "{}",
+        server.proc.output()
+    );
 }
 
 #[test]
 fn user_hooks_run_on_sigusr1_and_sigtstp() {
     let server = Server::start(&[]);
     signal(server.proc.pid(), libc::SIGUSR1);
-    server.proc.wait_line("the USR1 hooks", |l| (l == "hook: after SIGUSR1").then_some(()));
+    server.proc.wait_line("the USR1 hooks", |l| {
+        (l == "hook: after SIGUSR1").then_some(())
+    });
     signal(server.proc.pid(), libc::SIGTSTP);
-    server.proc.wait_line("the TSTP hooks", |l| (l == "hook: after SIGTSTP").then_some(()));
+    server.proc.wait_line("the TSTP hooks", |l| {
+        (l == "hook: after SIGTSTP").then_some(())
+    });
     let out = server.proc.output();
     assert!(out.contains("hook: before SIGUSR1"));
     // Neither signal stopped or killed it.
@@ -110,7 +138,11 @@ fn http2_clients_get_goaway_and_their_streams_finish() {
     let mut server = Server::start(&[]);
     let addr = server.addr;
     let pid = server.proc.pid();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (mut sender, conn) = hyper::client::conn::http2::handshake(
@@ -121,19 +153,26 @@ fn http2_clients_get_goaway_and_their_streams_finish() {
         .unwrap();
         let conn = tokio::spawn(conn);
         let req = |path: &str| {
-            http::Request::get(format!("http://{addr}{path}")).body(Empty::<Bytes>::new()).unwrap()
+            http::Request::get(format!("http://{addr}{path}"))
+                .body(Empty::<Bytes>::new())
+                .unwrap()
         };
         let first = sender.send_request(req("/ping")).await.unwrap();
         assert_eq!(first.version(), http::Version::HTTP_2);
         let slow = tokio::spawn(sender.send_request(req("/ping?sleep_ms=1500")));
         tokio::task::block_in_place(|| wait_slow_started(&server));
         signal(pid, libc::SIGTERM);
-        let resp = slow.await.unwrap().expect("the open stream finishes, not reset");
+        let resp = slow
+            .await
+            .unwrap()
+            .expect("the open stream finishes, not reset");
         assert_eq!(resp.status(), 200);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert!(body.starts_with(b"pong"));
         // The server ended the connection gracefully (GOAWAY), not with an error.
-        let ended = tokio::time::timeout(PATIENCE, conn).await.expect("the connection ends");
+        let ended = tokio::time::timeout(PATIENCE, conn)
+            .await
+            .expect("the connection ends");
         ended.unwrap().expect("a graceful GOAWAY, not a reset");
     });
     assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));

@@ -21,7 +21,9 @@ fn sighup_runs_the_binary_now_on_disk() {
     let load = Load::start(server.addr, "/ping", 2, 2);
     let addr = server.addr;
     let slow = std::thread::spawn(move || reborn_testkit::get(addr, "/ping?sleep_ms=2000"));
-    server.proc.wait_line("the slow request", |l| l.starts_with("slow request started").then_some(()));
+    server.proc.wait_line("the slow request", |l| {
+        l.starts_with("slow request started").then_some(())
+    });
 
     server.deploy_variant("new version");
     signal(old_pid, libc::SIGHUP);
@@ -29,15 +31,28 @@ fn sighup_runs_the_binary_now_on_disk() {
 
     let after = server.get("/ping");
     assert_eq!(body_pid(&after.body), Some(new_pid), "{}", after.body);
-    assert_ne!(body_digest(&after.body), Some(old_digest.as_str()), "the new binary answers");
+    assert_ne!(
+        body_digest(&after.body),
+        Some(old_digest.as_str()),
+        "the new binary answers"
+    );
 
     let slow = slow.join().unwrap().expect("the slow request is answered");
     assert_eq!(slow.status, 200);
-    assert_eq!(body_pid(&slow.body), Some(old_pid), "the old process answers its own request");
+    assert_eq!(
+        body_pid(&slow.body),
+        Some(old_pid),
+        "the old process answers its own request"
+    );
     assert_eq!(body_digest(&slow.body), Some(old_digest.as_str()));
 
     let code = server.proc.wait_exit(PATIENCE);
-    assert_eq!(code, Some(0), "the old process exits cleanly:\n{}", server.proc.output());
+    assert_eq!(
+        code,
+        Some(0),
+        "the old process exits cleanly:\n{}",
+        server.proc.output()
+    );
     let report = load.finish();
     assert_eq!(report.failed, 0, "failed requests: {:?}", report.errors);
     assert!(report.ok > 0);
@@ -57,17 +72,29 @@ fn twenty_upgrades_under_load_lose_nothing() {
     let mut last_fds = first_fds;
     for i in 0..20 {
         let before = load.snapshot().ok;
-        wait_for("requests between upgrades", PATIENCE, || (load.snapshot().ok > before + 20).then_some(()));
+        wait_for("requests between upgrades", PATIENCE, || {
+            (load.snapshot().ok > before + 20).then_some(())
+        });
         server.deploy_variant(&format!("v{i}"));
         signal(pid, libc::SIGHUP);
         pid = server.wait_new_pid(pid);
         last_fds = fd_count(pid);
     }
     let before = load.snapshot().ok;
-    wait_for("requests after the last upgrade", PATIENCE, || (load.snapshot().ok > before + 20).then_some(()));
+    wait_for("requests after the last upgrade", PATIENCE, || {
+        (load.snapshot().ok > before + 20).then_some(())
+    });
     let report = load.finish();
-    assert_eq!(report.failed, 0, "{} failed: {:?}", report.failed, report.errors);
-    assert!(report.bodies.len() >= 21, "every generation answered: {:?}", report.bodies.len());
+    assert_eq!(
+        report.failed, 0,
+        "{} failed: {:?}",
+        report.failed, report.errors
+    );
+    assert!(
+        report.bodies.len() >= 21,
+        "every generation answered: {:?}",
+        report.bodies.len()
+    );
     // Connections come and go with the load; the process's own descriptors (listeners,
     // runtime, notify sockets) must not pile up across generations.
     assert!(
@@ -81,18 +108,29 @@ fn twenty_upgrades_under_load_lose_nothing() {
 fn assert_rolls_back(server: &Server, expect_in_log: &str) {
     let old = server.proc.pid();
     signal(old, libc::SIGHUP);
-    server.proc.wait_line(expect_in_log, |l| (l.contains("upgrade failed") && l.contains(expect_in_log)).then_some(()));
+    server.proc.wait_line(expect_in_log, |l| {
+        (l.contains("upgrade failed") && l.contains(expect_in_log)).then_some(())
+    });
     let resp = server.get("/ping");
-    assert_eq!(body_pid(&resp.body), Some(old), "the old process keeps serving");
+    assert_eq!(
+        body_pid(&resp.body),
+        Some(old),
+        "the old process keeps serving"
+    );
     assert_eq!(server.serving_pid(), Some(old));
-    wait_for("the failed process to be gone", PATIENCE, || children(old).is_empty().then_some(()));
+    wait_for("the failed process to be gone", PATIENCE, || {
+        children(old).is_empty().then_some(())
+    });
     assert!(alive(old));
 }
 
 #[test]
 fn rollback_when_the_new_binary_exits_at_once() {
     let server = Server::start(&[]);
-    reborn_testkit::replace_with_script(&server.bin, "#!/bin/sh\necho 'broken build' >&2\nexit 3\n");
+    reborn_testkit::replace_with_script(
+        &server.bin,
+        "#!/bin/sh\necho 'broken build' >&2\nexit 3\n",
+    );
     assert_rolls_back(&server, "exited with status 3");
 }
 
@@ -136,10 +174,16 @@ fn sighup_during_an_upgrade_is_reported_not_queued() {
     let old = server.proc.pid();
     reborn_testkit::replace_with_script(&server.bin, "#!/bin/sh\nexec sleep 5\n");
     signal(old, libc::SIGHUP);
-    wait_for("the new process to start", PATIENCE, || (!children(old).is_empty()).then_some(()));
+    wait_for("the new process to start", PATIENCE, || {
+        (!children(old).is_empty()).then_some(())
+    });
     signal(old, libc::SIGHUP);
-    server.proc.wait_line("the refusal", |l| l.contains("already in progress").then_some(()));
-    server.proc.wait_line("the rollback", |l| (l.contains("upgrade failed") && l.contains("exited")).then_some(()));
+    server.proc.wait_line("the refusal", |l| {
+        l.contains("already in progress").then_some(())
+    });
+    server.proc.wait_line("the rollback", |l| {
+        (l.contains("upgrade failed") && l.contains("exited")).then_some(())
+    });
     server.deploy_variant("good");
     signal(old, libc::SIGHUP);
     let new = server.wait_new_pid(old);
@@ -152,12 +196,17 @@ fn an_upgrade_can_follow_while_the_old_generation_still_drains() {
     let first = server.proc.pid();
     let addr = server.addr;
     let slow = std::thread::spawn(move || reborn_testkit::get(addr, "/ping?sleep_ms=4000"));
-    server.proc.wait_line("the slow request", |l| l.starts_with("slow request started").then_some(()));
+    server.proc.wait_line("the slow request", |l| {
+        l.starts_with("slow request started").then_some(())
+    });
     signal(first, libc::SIGHUP);
     let second = server.wait_new_pid(first);
     signal(second, libc::SIGHUP);
     let third = server.wait_new_pid(second);
-    assert!(alive(first), "the first generation still drains its slow request");
+    assert!(
+        alive(first),
+        "the first generation still drains its slow request"
+    );
     assert_eq!(body_pid(&server.get("/ping").body), Some(third));
     let slow = slow.join().unwrap().expect("the slow request is answered");
     assert_eq!(body_pid(&slow.body), Some(first));

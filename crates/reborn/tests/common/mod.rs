@@ -32,7 +32,12 @@ impl Server {
         let addr = proc.wait_line("the listening address", |l| {
             l.strip_prefix("listening on ")?.parse().ok()
         });
-        let server = Server { dir, bin, proc, addr };
+        let server = Server {
+            dir,
+            bin,
+            proc,
+            addr,
+        };
         server.wait_serving_pid(server.proc.pid());
         server
     }
@@ -43,7 +48,11 @@ impl Server {
 
     /// The PID in the PID file.
     pub fn serving_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Waits until the PID file names `pid`.
@@ -61,9 +70,8 @@ impl Server {
     }
 
     pub fn get(&self, path: &str) -> reborn_testkit::Response {
-        reborn_testkit::get(self.addr, path).unwrap_or_else(|e| {
-            panic!("GET {path}: {e}; server output:\n{}", self.proc.output())
-        })
+        reborn_testkit::get(self.addr, path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}; server output:\n{}", self.proc.output()))
     }
 
     /// Replaces the binary on disk with a variant (a different digest).
@@ -75,7 +83,9 @@ impl Server {
     pub fn stop_current(&mut self) {
         if let Some(pid) = self.serving_pid().filter(|p| alive(*p)) {
             reborn_testkit::signal(pid, libc::SIGTERM);
-            wait_for("the serving process to exit", PATIENCE, || (!alive(pid)).then_some(()));
+            wait_for("the serving process to exit", PATIENCE, || {
+                (!alive(pid)).then_some(())
+            });
         }
     }
 }
