@@ -134,7 +134,12 @@ pub(crate) async fn upgrade(inner: &Arc<Inner>) -> Result<Upgraded, UpgradeError
     tracing::info!(path = %path.display(), "upgrading: starting the binary on disk");
     let manager = inner.notify.manager().cloned();
     if let Some(m) = &manager {
-        tell(m, "RELOADING=1\nSTATUS=upgrading\n");
+        let reloading = crate::notify::NotifyMessage {
+            reloading: true,
+            status: Some("upgrading".into()),
+            ..Default::default()
+        };
+        tell(m, &reloading.encode());
     }
     let result = spawn_and_wait(inner, &path, manager.as_deref(), started).await;
     if let Err(e) = &result {

@@ -1,0 +1,104 @@
+//! What a service manager (systemd with `Type=notify`, `NotifyAccess=all`) hears from a
+//! server across an upgrade, on a real notify socket.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::Duration;
+
+use common::testserver;
+use reborn_testkit::{PATIENCE, Proc, alive, signal, wait_for};
+
+fn recv(sock: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = sock
+        .recv(&mut buf)
+        .expect("a notify message before the timeout");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn the_service_manager_follows_the_main_pid_across_upgrades() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let manager = UnixDatagram::bind(&path).unwrap();
+    manager.set_read_timeout(Some(PATIENCE)).unwrap();
+    let bin = reborn_testkit::copy_to(&testserver(), dir.path(), "server");
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--addr", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &path);
+    let mut proc = Proc::start(cmd);
+    let first = proc.pid();
+
+    let ready = recv(&manager);
+    assert!(ready.contains(&format!("MAINPID={first}\n")), "{ready}");
+    assert!(
+        ready.contains("READY=1\n") && ready.contains("STATUS=serving on 127.0.0.1:"),
+        "{ready}"
+    );
+
+    reborn_testkit::replace_with_variant(&bin, &testserver(), b"v2");
+    signal(first, libc::SIGHUP);
+    let reloading = recv(&manager);
+    assert!(
+        reloading.contains("RELOADING=1\n") && reloading.contains("MONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let handed = recv(&manager);
+    let second: u32 = handed
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("MAINPID in {handed:?}"));
+    assert_ne!(second, first);
+    assert!(handed.contains("READY=1\n"), "{handed}");
+
+    // The old generation drains and exits without telling the manager it stops.
+    assert_eq!(proc.wait_exit(PATIENCE), Some(0));
+    manager
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    assert!(
+        manager.recv(&mut buf).is_err(),
+        "nothing else was said during the handover"
+    );
+
+    // A real shutdown of the new main process is announced.
+    manager.set_read_timeout(Some(PATIENCE)).unwrap();
+    signal(second, libc::SIGTERM);
+    let stopping = recv(&manager);
+    assert!(stopping.contains("STOPPING=1"), "{stopping}");
+    wait_for("the last generation to exit", PATIENCE, || {
+        (!alive(second)).then_some(())
+    });
+}
+
+#[test]
+fn a_failed_upgrade_tells_the_manager_it_is_ready_again_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let manager = UnixDatagram::bind(&path).unwrap();
+    manager.set_read_timeout(Some(PATIENCE)).unwrap();
+    let bin = reborn_testkit::copy_to(&testserver(), dir.path(), "server");
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--addr", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &path);
+    let proc = Proc::start(cmd);
+    assert!(recv(&manager).contains("READY=1"));
+    reborn_testkit::replace_with_script(&bin, "#!/bin/sh\nexit 7\n");
+    signal(proc.pid(), libc::SIGHUP);
+    assert!(recv(&manager).contains("RELOADING=1"));
+    let back = recv(&manager);
+    assert!(
+        back.contains("READY=1")
+            && back.contains("STATUS=upgrade failed")
+            && back.contains("status 7"),
+        "{back}"
+    );
+    assert!(
+        !back.contains("MAINPID"),
+        "the main process did not change: {back}"
+    );
+}
