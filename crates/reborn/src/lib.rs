@@ -106,7 +106,7 @@ use std::sync::Mutex;
 pub use drain::{Phase, Shutdown};
 pub use error::{Error, Result};
 pub use listeners::{ListenAddr, Listener};
-pub use serve::BoxError;
+pub use serve::{BoxError, Connection};
 pub use server::{Builder, ReadyMode, Reborn};
 pub use signals::Signal;
 pub use upgrade::{UpgradeError, Upgraded};

@@ -29,6 +29,9 @@ enum Accepting {
     Unix(tokio::net::UnixListener),
 }
 
+/// How long a connection may take for its handshake (TLS, say) before it is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Reborn {
     /// Serves `service` on `listener` until the drain is over.
     ///
@@ -64,6 +67,41 @@ impl Reborn {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
+        self.serve_with(listener, |conn| std::future::ready(Ok(conn)), service)
+            .await
+    }
+
+    /// As [`serve`](Self::serve), with a handshake run on each accepted connection before
+    /// HTTP: TLS, typically. The handshake runs in the connection's own task (a slow
+    /// client never holds up accepting), gets 10 seconds, and a failure drops just that
+    /// connection.
+    ///
+    /// With rustls (through `tokio-rustls`):
+    ///
+    /// ```ignore
+    /// let tls = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    /// reborn.serve_with(listener, move |conn| tls.accept(conn), app).await?;
+    /// ```
+    ///
+    /// # Errors
+    /// As [`serve`](Self::serve).
+    pub async fn serve_with<H, F, IO, S, B>(
+        &self,
+        listener: Listener,
+        handshake: H,
+        service: S,
+    ) -> Result<()>
+    where
+        H: Fn(Connection) -> F + Send + Sync + 'static,
+        F: std::future::Future<Output = std::io::Result<IO>> + Send + 'static,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
         let inner = &self.inner;
         inner.start()?;
         let addr = listener.local_addr();
@@ -77,6 +115,7 @@ impl Reborn {
         let conns = Connections {
             builder: Arc::new(builder),
             service: TowerToHyperService::new(service),
+            handshake: Arc::new(handshake),
             inner: inner.clone(),
             tracker: TaskTracker::new(),
         };
@@ -89,7 +128,7 @@ impl Reborn {
                 accepted = accepting.accept(inner.config.tcp_nodelay) => accepted,
             };
             match accepted {
-                Ok(stream) => conns.spawn(stream),
+                Ok(conn) => conns.spawn(conn),
                 Err(e) => accept_error(&addr, e).await,
             }
         }
@@ -99,8 +138,8 @@ impl Reborn {
             // No successor will accept what is already queued: accept it, and serve it
             // under the drain's rules, rather than let it be reset at exit.
             let mut swept = 0;
-            while let Some(stream) = accepting.try_accept(inner.config.tcp_nodelay) {
-                conns.spawn(stream);
+            while let Some(conn) = accepting.try_accept(inner.config.tcp_nodelay) {
+                conns.spawn(conn);
                 swept += 1;
             }
             if swept > 0 {
@@ -119,26 +158,94 @@ impl Reborn {
     }
 }
 
-enum Stream {
+/// An accepted connection, before any protocol runs on it.
+#[derive(Debug)]
+pub enum Connection {
+    /// A TCP connection (`TCP_NODELAY` set unless turned off).
     Tcp(tokio::net::TcpStream),
+    /// A Unix stream connection.
     Unix(tokio::net::UnixStream),
 }
 
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Connection::Tcp($s) => {
+                let $s = std::pin::Pin::new($s);
+                $e
+            }
+            Connection::Unix($s) => {
+                let $s = std::pin::Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl tokio::io::AsyncRead for Connection {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for Connection {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Connection::Tcp(s) => s.is_write_vectored(),
+            Connection::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
 impl Accepting {
-    async fn accept(&self, nodelay: bool) -> std::io::Result<Stream> {
+    async fn accept(&self, nodelay: bool) -> std::io::Result<Connection> {
         match self {
             Accepting::Tcp(l) => {
                 let (s, _) = l.accept().await?;
                 if nodelay {
                     let _ = s.set_nodelay(true);
                 }
-                Ok(Stream::Tcp(s))
+                Ok(Connection::Tcp(s))
             }
-            Accepting::Unix(l) => Ok(Stream::Unix(l.accept().await?.0)),
+            Accepting::Unix(l) => Ok(Connection::Unix(l.accept().await?.0)),
         }
     }
 
-    fn try_accept(&self, nodelay: bool) -> Option<Stream> {
+    fn try_accept(&self, nodelay: bool) -> Option<Connection> {
         let mut cx = Context::from_waker(Waker::noop());
         match self {
             Accepting::Tcp(l) => match l.poll_accept(&mut cx) {
@@ -146,27 +253,31 @@ impl Accepting {
                     if nodelay {
                         let _ = s.set_nodelay(true);
                     }
-                    Some(Stream::Tcp(s))
+                    Some(Connection::Tcp(s))
                 }
                 _ => None,
             },
             Accepting::Unix(l) => match l.poll_accept(&mut cx) {
-                Poll::Ready(Ok((s, _))) => Some(Stream::Unix(s)),
+                Poll::Ready(Ok((s, _))) => Some(Connection::Unix(s)),
                 _ => None,
             },
         }
     }
 }
 
-struct Connections<S> {
+struct Connections<H, S> {
     builder: Arc<auto::Builder<TokioExecutor>>,
     service: TowerToHyperService<S>,
+    handshake: Arc<H>,
     inner: Arc<Inner>,
     tracker: TaskTracker,
 }
 
-impl<S, B> Connections<S>
+impl<H, F, IO, S, B> Connections<H, S>
 where
+    H: Fn(Connection) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = std::io::Result<IO>> + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -174,20 +285,38 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    fn spawn(&self, stream: Stream) {
+    fn spawn(&self, conn: Connection) {
         let builder = self.builder.clone();
         let service = self.service.clone();
-        let phase = self.inner.drain.shutdown().receiver();
+        let shutdown = self.inner.drain.shutdown();
         let draining = self.inner.drain.draining_flag();
         let grace = self.inner.config.idle_grace;
-        match stream {
-            Stream::Tcp(io) => self.tracker.spawn(crate::drain::serve_connection(
-                builder, io, service, phase, draining, grace,
-            )),
-            Stream::Unix(io) => self.tracker.spawn(crate::drain::serve_connection(
-                builder, io, service, phase, draining, grace,
-            )),
-        };
+        let handshake = (self.handshake)(conn);
+        self.tracker.spawn(async move {
+            let io = tokio::select! {
+                io = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => match io {
+                    Ok(Ok(io)) => io,
+                    Ok(Err(e)) => {
+                        tracing::debug!("handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("handshake timed out");
+                        return;
+                    }
+                },
+                () = shutdown.hammered() => return,
+            };
+            crate::drain::serve_connection(
+                builder,
+                io,
+                service,
+                shutdown.receiver(),
+                draining,
+                grace,
+            )
+            .await
+        });
     }
 }
 
