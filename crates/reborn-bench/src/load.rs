@@ -155,6 +155,12 @@ pub struct Reconnects {
     pub closed_between_requests: u64,
     /// HTTP/2: the connection was going away (GOAWAY) or had closed.
     pub after_goaway: u64,
+    /// HTTP/2: requests that a graceful GOAWAY (`NO_ERROR`) refused: either the h2 client
+    /// refused to open the stream because the GOAWAY had arrived (the request waited in
+    /// hyper's dispatch queue meanwhile), or the stream's id was above the GOAWAY's last
+    /// stream id. Either way RFC 9113 §6.8 guarantees the server did not process it. Sent
+    /// on a new connection and counted here, not as failures.
+    pub refused_unprocessed_by_goaway: u64,
 }
 
 impl Reconnects {
@@ -162,6 +168,7 @@ impl Reconnects {
         self.after_connection_close += o.after_connection_close;
         self.closed_between_requests += o.closed_between_requests;
         self.after_goaway += o.after_goaway;
+        self.refused_unprocessed_by_goaway += o.refused_unprocessed_by_goaway;
     }
 }
 
@@ -219,6 +226,8 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// Pause after a failed request before the next (a closed-loop client must not spin).
     pub pause_after_failure: Duration,
+    /// Total requests per second over all clients (0: as fast as answers come).
+    pub rate: f64,
 }
 
 /// Load running in the background.
@@ -232,11 +241,11 @@ impl Load {
     pub fn start(cfg: LoadConfig, gens: Arc<Generations>, epoch: Instant) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = (0..cfg.concurrency)
-            .map(|_| {
+            .map(|i| {
                 let cfg = cfg.clone();
                 let gens = gens.clone();
                 let stop = stop.clone();
-                tokio::spawn(async move { client(cfg, gens, stop, epoch).await })
+                tokio::spawn(async move { client(cfg, gens, stop, epoch, i).await })
             })
             .collect();
         Load { stop, tasks }
@@ -430,6 +439,9 @@ enum Attempt {
     Done(Pong, bool),
     /// The request was never written: the connection had closed; replace it and send.
     NotSent,
+    /// HTTP/2: a graceful GOAWAY refused the request unprocessed; replace the connection
+    /// and send.
+    GoawayUnprocessed,
     /// Failed.
     Failed(Failure),
 }
@@ -447,6 +459,8 @@ async fn send_on(conn: &mut Conn, req: Request<Empty<Bytes>>) -> Attempt {
         Err(mut e) => {
             if e.take_message().is_some() {
                 Attempt::NotSent
+            } else if graceful_goaway(e.error()) {
+                Attempt::GoawayUnprocessed
             } else {
                 Attempt::Failed(Failure::hyper("request", e.error()))
             }
@@ -454,12 +468,27 @@ async fn send_on(conn: &mut Conn, req: Request<Empty<Bytes>>) -> Attempt {
     }
 }
 
+/// Whether a hyper error is a graceful (`NO_ERROR`) GOAWAY from the server: the request
+/// was not processed (RFC 9113 §6.8).
+fn graceful_goaway(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(h2e) = c.downcast_ref::<h2::Error>() {
+            return h2e.is_go_away()
+                && h2e.is_remote()
+                && h2e.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        cur = c.source();
+    }
+    false
+}
+
 /// One request on a new connection, `Connection: close` (HTTP/1.1).
 pub async fn one_shot(cfg: &LoadConfig) -> Result<Pong, Failure> {
     let mut conn = connect(cfg.addr, false).await?;
     match send_on(&mut conn, request(cfg, true)).await {
         Attempt::Done(p, _) => Ok(p),
-        Attempt::NotSent => Err(Failure {
+        Attempt::NotSent | Attempt::GoawayUnprocessed => Err(Failure {
             outcome: Outcome::Reset,
             message: "new connection closed before the request was written".into(),
         }),
@@ -472,11 +501,27 @@ async fn client(
     gens: Arc<Generations>,
     stop: Arc<AtomicBool>,
     epoch: Instant,
+    index: usize,
 ) -> LoadResult {
     let mut out = LoadResult::default();
     let mut conn: Option<Conn> = None;
     let mut last_pid = 0u32;
+    // Paced clients: each sends at rate / concurrency, staggered.
+    let period =
+        (cfg.rate > 0.0).then(|| Duration::from_secs_f64(cfg.concurrency as f64 / cfg.rate));
+    let mut next =
+        period.map(|p| Instant::now() + p.mul_f64(index as f64 / cfg.concurrency.max(1) as f64));
     while !stop.load(Ordering::Relaxed) {
+        if let (Some(p), Some(at)) = (period, next.as_mut()) {
+            let now = Instant::now();
+            if *at > now {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(*at)).await;
+            } else if now - *at > p {
+                // Fell behind (a slow answer): do not burst to catch up.
+                *at = now;
+            }
+            *at += p;
+        }
         let start = Instant::now();
         let deadline = tokio::time::Instant::from_std(start + cfg.timeout);
         let result: Result<Pong, Failure> = match cfg.mode {
@@ -522,6 +567,10 @@ async fn client(
                                 } else {
                                     out.reconnects.closed_between_requests += 1;
                                 }
+                            }
+                            Attempt::GoawayUnprocessed => {
+                                conn = None;
+                                out.reconnects.refused_unprocessed_by_goaway += 1;
                             }
                             Attempt::Failed(f) => {
                                 conn = None;

@@ -47,6 +47,10 @@ use crate::restart::{RestartPath, TargetOpts};
         reborn-bench idle --connections 10000 --path master"
 )]
 struct Cli {
+    /// Keep the servers' logs, PID files and control sockets in this directory
+    /// (created if missing) instead of a temporary one removed at the end.
+    #[arg(long, global = true, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -104,6 +108,10 @@ struct RestartArgs {
     /// Number of closed-loop clients.
     #[arg(short = 'c', long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     concurrency: u64,
+    /// Pace the clients to this many requests per second in total (0: closed loop, each
+    /// client sends its next request as soon as the answer is in).
+    #[arg(long, value_name = "REQ/S", default_value_t = 0.0)]
+    rate: f64,
     /// Number of restarts.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     restarts: u64,
@@ -247,11 +255,21 @@ fn write_json(path: Option<&Path>, v: &serde_json::Value) -> Result<(), String> 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn run(cli: Cli) -> Result<(), BoxError> {
-    let dir = tempfile::Builder::new().prefix("reborn-bench-").tempdir()?;
+    let tmp;
+    let dir: &Path = match &cli.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("reborn-bench-").tempdir()?;
+            tmp.path()
+        }
+    };
     match cli.command {
         Cmd::Restart(a) => {
             let cfg = scenario::RestartRun {
-                target: target_opts(&a.server, a.path, dir.path(), Vec::new())?,
+                target: target_opts(&a.server, a.path, dir, Vec::new())?,
                 mode: a.mode,
                 concurrency: a.concurrency as usize,
                 restarts: a.restarts as usize,
@@ -263,6 +281,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
                 timeout: Duration::from_millis(a.timeout_ms),
                 max_time: Duration::from_secs(a.max_time_s),
                 window_tail: Duration::from_millis(a.window_tail_ms),
+                rate: a.rate.max(0.0),
             };
             let (report, text) = scenario::run(cfg).await?;
             print!("{text}");
@@ -271,7 +290,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         Cmd::Steady(a) => {
             let cfg = steady::SteadyRun {
                 server: a.server.clone().unwrap_or_else(|| sibling("bench-server")),
-                dir: dir.path().to_path_buf(),
+                dir: dir.to_path_buf(),
                 mode: a.mode,
                 concurrency: a.concurrency as usize,
                 duration: Duration::from_secs_f64(a.duration_s.clamp(0.1, 3600.0)),
@@ -285,7 +304,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         Cmd::Idle(a) => {
             let extra = vec![format!("--idle-grace-ms={}", a.idle_grace_ms)];
             let cfg = idle::IdleRun {
-                target: target_opts(&a.server, a.path, dir.path(), extra)?,
+                target: target_opts(&a.server, a.path, dir, extra)?,
                 connections: a.connections as usize,
                 active: a.active as usize,
                 idle_grace: Duration::from_millis(a.idle_grace_ms),

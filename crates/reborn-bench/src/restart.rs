@@ -74,6 +74,8 @@ pub struct RestartRecord {
     pub new_pid: Option<u32>,
     /// ms since the start of the run when the signal (or command) was sent.
     pub at_ms: f64,
+    /// The same moment in µs since the Unix epoch (to line up with the server's log).
+    pub at_unix_us: u64,
     /// Signal to the first answer from the new generation, ms.
     pub handoff_ms: Option<f64>,
     /// Signal to commit (PID file names the new PID, `reborn upgrade` returned, or the
@@ -118,6 +120,7 @@ fn probe_cfg(addr: SocketAddr, timeout: Duration) -> LoadConfig {
         concurrency: 1,
         timeout,
         pause_after_failure: Duration::from_millis(1),
+        rate: 0.0,
     }
 }
 
@@ -341,6 +344,7 @@ impl Target {
             old_pid: self.current_pid,
             new_pid: None,
             at_ms: 0.0,
+            at_unix_us: 0,
             handoff_ms: None,
             commit_ms: None,
             drain_ms: None,
@@ -360,6 +364,10 @@ impl Target {
         }
         if let Some(at) = rec.signal_at {
             rec.at_ms = ms(at.saturating_duration_since(epoch));
+            let now_unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            rec.at_unix_us = now_unix.saturating_sub(at.elapsed()).as_micros() as u64;
         }
         if let Err(e) = result {
             rec.error = Some(e);

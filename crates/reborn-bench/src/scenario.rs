@@ -38,6 +38,8 @@ pub struct RestartRun {
     /// A restart window lasts from the signal to this long after the new generation's
     /// first answer.
     pub window_tail: Duration,
+    /// Total request rate (0: closed loop, as fast as answers come).
+    pub rate: f64,
 }
 
 /// Slow requests in flight and their results.
@@ -155,6 +157,7 @@ pub async fn run(
         concurrency: cfg.concurrency,
         timeout: cfg.timeout,
         pause_after_failure: Duration::from_millis(1),
+        rate: cfg.rate,
     };
     let load = Load::start(load_cfg.clone(), gens.clone(), epoch);
     tokio::time::sleep(cfg.warmup).await;
@@ -251,6 +254,7 @@ pub async fn run(
         "path": cfg.target.path,
         "mode": cfg.mode,
         "concurrency": cfg.concurrency,
+        "rate_limit": cfg.rate,
         "restarts_requested": cfg.restarts,
         "restarts_done": records.iter().filter(|r| r.new_pid.is_some()).count(),
         "interval_ms": cfg.interval.as_millis() as u64,
@@ -353,10 +357,11 @@ pub fn render(r: &serde_json::Value) -> String {
     let rc = &q["reconnects"];
     let _ = writeln!(
         o,
-        "reconnects (not failures): after Connection: close {}, closed between requests {}, after GOAWAY {}; connections opened {}",
+        "reconnects (not failures): after Connection: close {}, closed between requests {}, after GOAWAY {} (+{} requests refused unprocessed by GOAWAY, sent again); connections opened {}",
         f(&rc["after_connection_close"]),
         f(&rc["closed_between_requests"]),
         f(&rc["after_goaway"]),
+        f(&rc["refused_unprocessed_by_goaway"]),
         f(&q["connections_opened"])
     );
     if let Some(errs) = q["errors"].as_object()

@@ -85,6 +85,7 @@ async fn measure(cfg: &SteadyRun, addr: SocketAddr) -> Round {
         concurrency: cfg.concurrency,
         timeout: Duration::from_secs(5),
         pause_after_failure: Duration::from_millis(1),
+        rate: 0.0,
     };
     if !cfg.warmup.is_zero() {
         let warm = Load::start(

@@ -10,11 +10,15 @@
 //! binary answers differently.
 //!
 //! The digest is computed off the critical path: a thread started first thing hashes the
-//! executable while the runtime starts, the listener is obtained and readiness is
-//! reported; a request that comes before the digest is done waits for it (in practice
-//! the digest is done well before: see `build-id … in … µs` on stderr). xxh3 because it
-//! runs at memory speed (several GB/s), so even the first request never waits; this is
-//! an identity, not a security check, so a cryptographic hash would only cost time.
+//! executable (streamed, 256 KiB at a time) while the runtime starts, the listener is
+//! obtained and readiness is reported; a request that comes before the digest is done
+//! waits for it. xxh3 because it runs at memory speed (several GB/s): a 4 MiB release
+//! binary hashes in about 1 ms; this is an identity, not a security check, so a
+//! cryptographic hash would only cost time. The digest is cached per file identity
+//! (device, inode, size, mtime, ctime) in a private directory, so restarts of the same
+//! file skip the thread and its millisecond of CPU — which matters on a saturated
+//! machine, where every runnable thread delays the new generation's start — while a
+//! rebuilt or replaced binary, a new file, is hashed anew (`--no-build-id-cache`: always).
 //!
 //! Served by `reborn`'s `serve` (self-upgrade on `SIGHUP`, drain on `SIGTERM`), or with
 //! `--plain-axum` by plain `axum::serve` on a plain listener, for the steady-state
@@ -55,6 +59,10 @@ struct Args {
     /// During a drain, how long an idle HTTP/1.1 keep-alive connection is kept (ms).
     #[arg(long, default_value_t = 1000)]
     idle_grace_ms: u64,
+    /// Hash the executable at every start, even if a previous start cached the digest of
+    /// this same file (same device, inode, size, mtime and ctime).
+    #[arg(long)]
+    no_build_id_cache: bool,
     /// How long a drain may take before what is left is closed (ms).
     #[arg(long, default_value_t = 60_000)]
     drain_timeout_ms: u64,
@@ -95,8 +103,78 @@ async fn ping(State(state): State<Arc<AppState>>, Query(q): Query<PingQuery>) ->
 /// Hashes the executable this process runs (`/proc/self/exe` is the inode it started
 /// from, even if the path was replaced since).
 fn digest_own_executable() -> std::io::Result<String> {
-    let bytes = std::fs::read("/proc/self/exe")?;
-    Ok(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)))
+    use std::io::Read;
+    // Streamed through a small buffer: no allocation (and page faults) the size of the
+    // binary.
+    let mut file = std::fs::File::open("/proc/self/exe")?;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:016x}", hasher.digest()))
+}
+
+/// The identity of the executable file this process runs: device, inode, size, and
+/// modification and change times. A rebuilt or replaced binary (a new file renamed over
+/// the old, or the old one rewritten) has a different identity.
+fn exe_identity() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata("/proc/self/exe").ok()?;
+    Some(format!(
+        "{}-{}-{}-{}.{}-{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
+}
+
+/// Where digests are cached: a directory of this user's own.
+fn cache_dir() -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("bench-server-build-ids-{uid}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    let m = std::fs::symlink_metadata(&dir).ok()?;
+    // Trust only a real directory that is ours and closed to others.
+    (m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0).then_some(dir)
+}
+
+fn read_cached(identity: &str) -> Option<String> {
+    let id = std::fs::read_to_string(cache_dir()?.join(identity)).ok()?;
+    let id = id.trim();
+    (id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
+}
+
+fn write_cached(identity: &str, id: &str) {
+    let Some(dir) = cache_dir() else { return };
+    let tmp = dir.join(format!("{identity}.{}.tmp", std::process::id()));
+    if std::fs::write(&tmp, id).is_ok() {
+        let _ = std::fs::rename(&tmp, dir.join(identity));
+    }
+}
+
+/// Microseconds since the Unix epoch, to line up this process's start-up with the signal
+/// that caused it.
+fn unix_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0)
 }
 
 /// The router both modes serve.
@@ -105,38 +183,69 @@ fn router(state: Arc<AppState>) -> Router {
 }
 
 fn main() -> std::process::ExitCode {
-    reborn::init();
+    let started_unix = unix_us();
     let started = Instant::now();
-    let (tx, rx) = watch::channel(None);
-    // Off the critical path: hash while the rest starts.
-    let hasher = std::thread::Builder::new()
-        .name("build-id".into())
-        .spawn(move || {
-            let t = Instant::now();
-            let id = match digest_own_executable() {
-                Ok(id) => id,
-                Err(e) => {
-                    eprintln!("bench-server: cannot hash /proc/self/exe: {e}");
-                    "unknown".to_owned()
-                }
-            };
-            eprintln!(
-                "bench-server: build-id {id} in {} µs",
-                t.elapsed().as_micros()
-            );
-            let _ = tx.send(Some(id));
-        });
-    if let Err(e) = hasher {
-        eprintln!("bench-server: cannot start the build-id thread: {e}");
-        return std::process::ExitCode::FAILURE;
-    }
+    reborn::init();
     let args = <Args as clap::Parser>::parse();
+    // reborn's own log (upgrade steps, drain) with µs timestamps, at info level. A
+    // `Targets` filter, not an `EnvFilter`: no regex to compile at every start.
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let filter = tracing_subscriber::filter::Targets::new()
+            .with_target("reborn", tracing_subscriber::filter::LevelFilter::INFO);
+        let _ = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(false),
+            )
+            .with(filter)
+            .try_init();
+    }
+    let (tx, rx) = watch::channel(None);
+    let identity = if args.no_build_id_cache {
+        None
+    } else {
+        exe_identity()
+    };
+    if let Some(id) = identity.as_deref().and_then(read_cached) {
+        // The same file as a previous start: no hashing, no thread.
+        let _ = tx.send(Some(id));
+    } else {
+        // Off the critical path: hash while the rest starts.
+        let hasher = std::thread::Builder::new()
+            .name("build-id".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let id = match digest_own_executable() {
+                    Ok(id) => id,
+                    Err(e) => {
+                        eprintln!("bench-server: cannot hash /proc/self/exe: {e}");
+                        "unknown".to_owned()
+                    }
+                };
+                eprintln!(
+                    "bench-server: build-id {id} hashed in {} µs, ready {} µs after start",
+                    t.elapsed().as_micros(),
+                    started.elapsed().as_micros()
+                );
+                let _ = tx.send(Some(id.clone()));
+                if let Some(identity) = identity {
+                    write_cached(&identity, &id);
+                }
+            });
+        if let Err(e) = hasher {
+            eprintln!("bench-server: cannot start the build-id thread: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let pid = std::process::id();
     let state = Arc::new(AppState { pid, build_id: rx });
     let result = if args.plain_axum {
         run_plain(&args, state)
     } else {
-        run_reborn(&args, state, started)
+        run_reborn(&args, state, started, started_unix)
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -154,8 +263,23 @@ fn announce(pid: u32, addr: &str) {
     let _ = out.flush();
 }
 
+/// The CPUs this process may run on (`sched_getaffinity`), without the cgroup file reads
+/// of `available_parallelism` that tokio would do at every start.
+fn cpus() -> usize {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes into it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            (libc::CPU_COUNT(&set) as usize).max(1)
+        } else {
+            1
+        }
+    }
+}
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cpus())
         .enable_all()
         .build()
 }
@@ -164,6 +288,7 @@ fn run_reborn(
     args: &Args,
     state: Arc<AppState>,
     started: Instant,
+    started_unix: u128,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut builder = reborn::Reborn::builder()
         .idle_grace(Duration::from_millis(args.idle_grace_ms))
@@ -172,13 +297,17 @@ fn run_reborn(
         builder = builder.pid_file(path);
     }
     let reborn = builder.build()?;
+    let t_built = started.elapsed();
     let listener = reborn.listen("http", &args.addr)?;
+    let t_listen = started.elapsed();
     let addr = listener.local_addr();
     announce(state.pid, &addr);
     let rt = runtime()?;
     eprintln!(
-        "bench-server[{}]: listener ready after {} µs",
+        "bench-server[{}]: started at {started_unix} µs (unix); built {} µs, listener {} µs, runtime {} µs after start",
         state.pid,
+        t_built.as_micros(),
+        t_listen.as_micros(),
         started.elapsed().as_micros()
     );
     rt.block_on(reborn.serve(listener, router(state)))?;
