@@ -94,6 +94,12 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(msg) = check_program(&program) {
         return fail(msg);
     }
+    if args.backoff_max < std::time::Duration::from_millis(100) {
+        return fail(
+            "--backoff-max must be at least 100ms, so that a crashing worker cannot make the \
+             master spin",
+        );
+    }
     if let Err(msg) = check_probe(&args.ready, &args.listen) {
         return fail(msg);
     }

@@ -125,6 +125,11 @@ fn bad_flags_and_values() {
     );
     assert_one_error(&run(&["run", "--listen", "127.0.0.1:0"]), 2, &["PROGRAM"]);
     assert_one_error(
+        &run(&["run", "--backoff-max", "0", "--", "/bin/true"]),
+        1,
+        &["at least 100ms"],
+    );
+    assert_one_error(
         &run(&["status", "--name", "../etc"]),
         2,
         &["becomes a file name"],

@@ -79,6 +79,10 @@ impl Master {
                 .nth(1)
                 .and_then(|a| a.trim().parse::<SocketAddr>().ok())
         });
+        // The control socket is bound after the listeners are reported.
+        proc.wait_line("the control socket", |l| {
+            l.contains("control socket: ").then_some(())
+        });
         Master {
             proc,
             control,
