@@ -106,7 +106,7 @@ use std::sync::Mutex;
 pub use drain::{Phase, Shutdown};
 pub use error::{Error, Result};
 pub use listeners::{ListenAddr, Listener};
-pub use serve::{BoxError, Connection};
+pub use serve::{BoxError, Connection, HttpBody, HttpService};
 pub use server::{Builder, ReadyMode, Reborn};
 pub use signals::Signal;
 pub use upgrade::{UpgradeError, Upgraded};
@@ -203,15 +203,8 @@ fn program_path(arg0: &std::ffi::OsStr, cwd: Option<&std::path::Path>) -> std::p
 /// A bad address, a port in use, a malformed socket-activation environment.
 pub async fn serve<S, B>(addr: &str, service: S) -> Result<()>
 where
-    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: HttpBody,
 {
     let reborn = Reborn::new()?;
     let listener = reborn.listen("http", addr)?;
@@ -234,15 +227,8 @@ where
 /// As [`serve`], and a runtime that cannot start.
 pub fn listen_and_serve<S, B>(addr: &str, service: S) -> Result<()>
 where
-    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: HttpBody,
 {
     init();
     let reborn = Reborn::new()?;

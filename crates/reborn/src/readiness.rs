@@ -34,7 +34,9 @@ pub(crate) fn report_ready(inner: &Arc<Inner>) {
         set.close_unclaimed();
         set.addresses()
     };
-    if inner.master_pid.is_none() {
+    // After a self-upgrade the previous generation writes this PID at its commit, once
+    // it has stopped accepting: until then it is the one serving.
+    if inner.master_pid.is_none() && !inner.notify.started_by_upgrade() {
         if let Some(path) = &inner.config.pid_file {
             if let Err(e) = write_pid_file(path, pid) {
                 tracing::error!("{e}");

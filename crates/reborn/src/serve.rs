@@ -24,6 +24,40 @@ use crate::server::{Inner, Reborn};
 /// The error type services may return.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What reborn serves: a tower service of HTTP requests, cloned for each connection.
+/// An axum `Router` is one; so is any `tower::ServiceBuilder` stack over such a service.
+/// Implemented for every type that qualifies.
+pub trait HttpService<B>:
+    tower::Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Error: Into<BoxError>,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+}
+
+/// A response body reborn can send. Implemented for every type that qualifies.
+pub trait HttpBody: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> HttpBody for B
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+}
+
 enum Accepting {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
@@ -60,12 +94,8 @@ impl Reborn {
     /// single connections are logged at debug level and never end the server.
     pub async fn serve<S, B>(&self, listener: Listener, service: S) -> Result<()>
     where
-        S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: http_body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: HttpService<B>,
+        B: HttpBody,
     {
         self.serve_with(listener, |conn| std::future::ready(Ok(conn)), service)
             .await
@@ -95,12 +125,8 @@ impl Reborn {
         H: Fn(Connection) -> F + Send + Sync + 'static,
         F: std::future::Future<Output = std::io::Result<IO>> + Send + 'static,
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: http_body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: HttpService<B>,
+        B: HttpBody,
     {
         let inner = &self.inner;
         inner.start()?;
@@ -182,6 +208,16 @@ macro_rules! delegate {
     };
 }
 
+impl Connection {
+    fn tcp(stream: tokio::net::TcpStream, nodelay: bool) -> Connection {
+        if nodelay {
+            // Only fails on a socket that is already broken; the first read will say so.
+            let _ = stream.set_nodelay(true);
+        }
+        Connection::Tcp(stream)
+    }
+}
+
 impl tokio::io::AsyncRead for Connection {
     fn poll_read(
         self: std::pin::Pin<&mut Self>,
@@ -234,13 +270,7 @@ impl tokio::io::AsyncWrite for Connection {
 impl Accepting {
     async fn accept(&self, nodelay: bool) -> std::io::Result<Connection> {
         match self {
-            Accepting::Tcp(l) => {
-                let (s, _) = l.accept().await?;
-                if nodelay {
-                    let _ = s.set_nodelay(true);
-                }
-                Ok(Connection::Tcp(s))
-            }
+            Accepting::Tcp(l) => Ok(Connection::tcp(l.accept().await?.0, nodelay)),
             Accepting::Unix(l) => Ok(Connection::Unix(l.accept().await?.0)),
         }
     }
@@ -249,12 +279,7 @@ impl Accepting {
         let mut cx = Context::from_waker(Waker::noop());
         match self {
             Accepting::Tcp(l) => match l.poll_accept(&mut cx) {
-                Poll::Ready(Ok((s, _))) => {
-                    if nodelay {
-                        let _ = s.set_nodelay(true);
-                    }
-                    Some(Connection::Tcp(s))
-                }
+                Poll::Ready(Ok((s, _))) => Some(Connection::tcp(s, nodelay)),
                 _ => None,
             },
             Accepting::Unix(l) => match l.poll_accept(&mut cx) {
@@ -273,19 +298,15 @@ struct Connections<H, S> {
     tracker: TaskTracker,
 }
 
-impl<H, F, IO, S, B> Connections<H, S>
-where
-    H: Fn(Connection) -> F + Send + Sync + 'static,
-    F: std::future::Future<Output = std::io::Result<IO>> + Send + 'static,
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    fn spawn(&self, conn: Connection) {
+impl<H, S> Connections<H, S> {
+    fn spawn<F, IO, B>(&self, conn: Connection)
+    where
+        H: Fn(Connection) -> F + Send + Sync + 'static,
+        F: std::future::Future<Output = std::io::Result<IO>> + Send + 'static,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: HttpService<B>,
+        B: HttpBody,
+    {
         let builder = self.builder.clone();
         let service = self.service.clone();
         let shutdown = self.inner.drain.shutdown();

@@ -237,6 +237,11 @@ impl NotifyTargets {
         }
     }
 
+    /// Whether a self-upgrade started this process.
+    pub(crate) fn started_by_upgrade(&self) -> bool {
+        self.started_by_upgrade
+    }
+
     /// The previous generation's socket, when a self-upgrade started this process.
     pub(crate) fn previous_generation(&self) -> Option<&OsString> {
         if self.started_by_upgrade {

@@ -179,42 +179,35 @@ async fn spawn_and_wait(
     started: Instant,
 ) -> Result<Upgraded, UpgradeError> {
     let receiver = NotifyReceiver::new().map_err(UpgradeError::Notify)?;
-    let mut child = {
-        let listeners = inner.listeners();
-        let p = &inner.process;
-        let mut spec = SpawnSpec::new(path)
-            .arg0(p.arg0.clone())
-            .args(p.args.iter().cloned())
-            .envs(p.env.iter().cloned())
-            .env(ENV_NOTIFY_SOCKET, receiver.address())
-            .env(ENV_UPSTREAM_NOTIFY, manager.unwrap_or_default());
-        if let Some(dir) = &p.cwd {
-            spec = spec.current_dir(dir);
+    let spawn_err = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::NotFound => UpgradeError::BinaryMissing {
+            path: path.to_path_buf(),
+        },
+        std::io::ErrorKind::PermissionDenied => UpgradeError::NotExecutable {
+            path: path.to_path_buf(),
+            reason: source.to_string(),
+        },
+        _ if source.raw_os_error() == Some(libc::ENOEXEC) => UpgradeError::NotExecutable {
+            path: path.to_path_buf(),
+            reason: "not a program this system can run".into(),
+        },
+        _ => UpgradeError::Spawn {
+            path: path.to_path_buf(),
+            source,
+        },
+    };
+    // "Text file busy": the file is being written right now (a deploy still copying
+    // it). Give the writer a moment rather than fail the upgrade.
+    let mut busy_retries = 20;
+    let mut child = loop {
+        match spawn_child(inner, path, manager, &receiver) {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && busy_retries > 0 => {
+                busy_retries -= 1;
+                tracing::info!(path = %path.display(), "the binary is busy (still being written?); retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other.map_err(spawn_err)?,
         }
-        for (fd, name) in listeners.handed() {
-            spec = spec.socket(fd, name);
-        }
-        let spawn_err = |source: std::io::Error| match source.kind() {
-            std::io::ErrorKind::NotFound => UpgradeError::BinaryMissing {
-                path: path.to_path_buf(),
-            },
-            std::io::ErrorKind::PermissionDenied => UpgradeError::NotExecutable {
-                path: path.to_path_buf(),
-                reason: source.to_string(),
-            },
-            _ if source.raw_os_error() == Some(libc::ENOEXEC) => UpgradeError::NotExecutable {
-                path: path.to_path_buf(),
-                reason: "not a program this system can run".into(),
-            },
-            _ => UpgradeError::Spawn {
-                path: path.to_path_buf(),
-                source,
-            },
-        };
-        let command = spec.command().map_err(spawn_err)?;
-        tokio::process::Command::from(command)
-            .spawn()
-            .map_err(spawn_err)?
     };
     let pid = child.id().unwrap_or(0);
     tracing::info!(pid, "new process started; waiting for it to be ready");
@@ -232,6 +225,11 @@ async fn spawn_and_wait(
     };
     match outcome {
         Ok(()) if inner.begin_drain(DrainReason::Upgraded { successor: pid }) => {
+            if let Some(path) = &inner.config.pid_file {
+                if let Err(e) = crate::readiness::write_pid_file(path, pid) {
+                    tracing::error!("{e}");
+                }
+            }
             // Reap the new process if it ends while this one still drains.
             tokio::spawn(async move {
                 let _ = child.wait().await;
@@ -253,6 +251,31 @@ async fn spawn_and_wait(
             Err(e)
         }
     }
+}
+
+/// Starts the new generation with this process's program, arguments, environment,
+/// working directory and listeners.
+fn spawn_child(
+    inner: &Inner,
+    path: &std::path::Path,
+    manager: Option<&std::ffi::OsStr>,
+    receiver: &NotifyReceiver,
+) -> std::io::Result<tokio::process::Child> {
+    let listeners = inner.listeners();
+    let p = &inner.process;
+    let mut spec = SpawnSpec::new(path)
+        .arg0(p.arg0.clone())
+        .args(p.args.iter().cloned())
+        .envs(p.env.iter().cloned())
+        .env(ENV_NOTIFY_SOCKET, receiver.address())
+        .env(ENV_UPSTREAM_NOTIFY, manager.unwrap_or_default());
+    if let Some(dir) = &p.cwd {
+        spec = spec.current_dir(dir);
+    }
+    for (fd, name) in listeners.handed() {
+        spec = spec.socket(fd, name);
+    }
+    tokio::process::Command::from(spec.command()?).spawn()
 }
 
 /// Stops a rolled-back process: `SIGTERM` (it drains what it may have accepted), then

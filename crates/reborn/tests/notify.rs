@@ -18,8 +18,9 @@ fn recv(sock: &UnixDatagram) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-#[test]
-fn the_service_manager_follows_the_main_pid_across_upgrades() {
+/// A notify socket playing the service manager, and the test server started under it
+/// from a temporary directory.
+fn start_under_manager() -> (tempfile::TempDir, UnixDatagram, std::path::PathBuf, Proc) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify");
     let manager = UnixDatagram::bind(&path).unwrap();
@@ -28,7 +29,12 @@ fn the_service_manager_follows_the_main_pid_across_upgrades() {
     let mut cmd = Command::new(&bin);
     cmd.args(["--addr", "127.0.0.1:0"])
         .env("NOTIFY_SOCKET", &path);
-    let mut proc = Proc::start(cmd);
+    (dir, manager, bin, Proc::start(cmd))
+}
+
+#[test]
+fn the_service_manager_follows_the_main_pid_across_upgrades() {
+    let (_dir, manager, bin, mut proc) = start_under_manager();
     let first = proc.pid();
 
     let ready = recv(&manager);
@@ -77,15 +83,7 @@ fn the_service_manager_follows_the_main_pid_across_upgrades() {
 
 #[test]
 fn a_failed_upgrade_tells_the_manager_it_is_ready_again_and_why() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify");
-    let manager = UnixDatagram::bind(&path).unwrap();
-    manager.set_read_timeout(Some(PATIENCE)).unwrap();
-    let bin = reborn_testkit::copy_to(&testserver(), dir.path(), "server");
-    let mut cmd = Command::new(&bin);
-    cmd.args(["--addr", "127.0.0.1:0"])
-        .env("NOTIFY_SOCKET", &path);
-    let proc = Proc::start(cmd);
+    let (_dir, manager, bin, proc) = start_under_manager();
     assert!(recv(&manager).contains("READY=1"));
     reborn_testkit::replace_with_script(&bin, "#!/bin/sh\nexit 7\n");
     signal(proc.pid(), libc::SIGHUP);

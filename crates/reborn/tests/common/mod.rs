@@ -62,11 +62,25 @@ impl Server {
         });
     }
 
-    /// Waits until the PID file names a process other than `old`, and returns it.
+    /// Waits until the PID file names a process other than `old`, and until that process
+    /// answers, and returns it.
     pub fn wait_new_pid(&self, old: u32) -> u32 {
-        wait_for("a new PID in the PID file", PATIENCE, || {
+        let new = wait_for("a new PID in the PID file", PATIENCE, || {
             self.serving_pid().filter(|p| *p != old)
-        })
+        });
+        self.wait_answered_by(new);
+        new
+    }
+
+    /// Waits until a new connection is answered by `pid` (the previous generation may
+    /// still answer the connections it accepted just before it stopped accepting).
+    pub fn wait_answered_by(&self, pid: u32) {
+        wait_for(&format!("an answer from pid {pid}"), PATIENCE, || {
+            reborn_testkit::get(self.addr, "/ping")
+                .ok()
+                .and_then(|r| body_pid(&r.body))
+                .filter(|p| *p == pid)
+        });
     }
 
     pub fn get(&self, path: &str) -> reborn_testkit::Response {
