@@ -207,3 +207,46 @@ fn unix_and_tcp_listeners_are_both_handed_on() {
     });
     assert_eq!(body_pid(&server.get("/ping").body), Some(new));
 }
+
+/// A server with its own accept loop (raw listener, manual readiness) is upgraded too.
+#[test]
+fn a_raw_accept_loop_server_is_upgraded() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let bin = reborn_testkit::copy_to(
+        &reborn_testkit::example("reborn", "raw_tcp"),
+        dir.path(),
+        "server",
+    );
+    let mut cmd = Command::new(&bin);
+    cmd.arg("127.0.0.1:0");
+    let mut proc = Proc::start(cmd);
+    let addr: std::net::SocketAddr = proc.wait_line("the address", |l| {
+        l.strip_prefix("listening on ")?.parse().ok()
+    });
+    let ask = |line: &str| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.write_all(format!("{line}\n").as_bytes())?;
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer)?;
+        Ok(answer)
+    };
+    let first = proc.pid();
+    assert_eq!(ask("hello").unwrap(), format!("hello pid={first}\n"));
+    signal(first, libc::SIGHUP);
+    let second = wait_for("the new generation", PATIENCE, || {
+        ask("hi")
+            .ok()
+            .and_then(|a| {
+                a.trim()
+                    .rsplit_once("pid=")
+                    .and_then(|(_, p)| p.parse::<u32>().ok())
+            })
+            .filter(|p| *p != first)
+    });
+    assert_eq!(proc.wait_exit(PATIENCE), Some(0));
+    signal(second, libc::SIGTERM);
+    wait_for("the second generation to exit", PATIENCE, || {
+        (!alive(second)).then_some(())
+    });
+}
