@@ -108,9 +108,17 @@ impl Reborn {
     ///
     /// With rustls (through `tokio-rustls`):
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # async fn run(
+    /// #     reborn: reborn::Reborn,
+    /// #     listener: reborn::Listener,
+    /// #     server_config: rustls::ServerConfig,
+    /// #     app: axum::Router,
+    /// # ) -> Result<(), reborn::Error> {
     /// let tls = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
-    /// reborn.serve_with(listener, move |conn| tls.accept(conn), app).await?;
+    /// reborn.serve_with(listener, move |conn| tls.accept(conn), app).await
+    /// # }
     /// ```
     ///
     /// # Errors
