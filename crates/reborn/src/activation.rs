@@ -369,7 +369,9 @@ fn check_listening_socket(raw: RawFd, name: Option<&str>) -> Result<(), Activati
             found: found.into(),
         });
     }
-    let borrowed = unsafe_borrow(raw);
+    // SAFETY: `raw` is open (fstat succeeded just above) and nothing closes it while this
+    // function runs; the borrow does not leave the function.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
     let sock_type = nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::SockType);
     let listening = nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::AcceptConn)
         .unwrap_or(false);
@@ -392,13 +394,6 @@ fn check_listening_socket(raw: RawFd, name: Option<&str>) -> Result<(), Activati
             found: format!("a socket whose type cannot be read ({e})"),
         }),
     }
-}
-
-fn unsafe_borrow(raw: RawFd) -> std::os::fd::BorrowedFd<'static> {
-    // SAFETY: called only for fds 3.. announced by LISTEN_FDS and checked open by fstat;
-    // they stay open for the life of the process (they are wrapped in an OwnedFd right
-    // after the checks, and kept).
-    unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) }
 }
 
 #[cfg(test)]
