@@ -118,6 +118,10 @@ async fn watch_active(
     (watch_idle(s, t0, limit).await, close)
 }
 
+fn show(v: Option<u64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
 /// Runs the idle scenario; returns the JSON report and a readable text.
 pub async fn run(
     cfg: IdleRun,
@@ -241,6 +245,11 @@ pub async fn run(
     target.stop().await;
 
     let spread = Spread::of(closes.iter().copied());
+    let mut sorted: Vec<f64> = closes.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let deciles: Vec<f64> = (0..=10)
+        .filter_map(|i| sorted.get(((sorted.len().max(1) - 1) * i) / 10).copied())
+        .collect();
     let commit_ms = rec.commit_ms.or(rec.handoff_ms).unwrap_or(0.0);
     let deadline_ms = commit_ms + cfg.idle_grace.as_secs_f64() * 1000.0 + 1000.0;
     let late = closes
@@ -272,6 +281,7 @@ pub async fn run(
         "closed_after_deadline": late,
         "deadline_ms_after_signal": deadline_ms,
         "close_ms_after_signal": spread,
+        "close_ms_after_signal_deciles": deciles,
         "errors": errors,
         "processes_before_upgrade": before,
         "processes_after": after,
@@ -317,13 +327,14 @@ pub async fn run(
         for p in ps {
             let _ = writeln!(
                 o,
-                "  {:<16} pid {:>7}  fds {:>6}  rss {:>8} KiB",
+                "  {:<16} pid {:>7}  fds {:>6}  rss {:>7} KiB (anon {:>6}, file {:>6}, pss {:>6})",
                 p.role,
                 p.pid,
-                p.fds.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
-                p.rss_kib
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|| "-".into())
+                show(p.fds.map(|v| v as u64)),
+                show(p.rss_kib),
+                show(p.rss_anon_kib),
+                show(p.rss_file_kib),
+                show(p.pss_kib)
             );
         }
     }

@@ -617,3 +617,64 @@ async fn client(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pong_bodies() {
+        let p = parse_pong(b"pong 00ff00ff00ff00ff pid=42").unwrap();
+        assert_eq!(p.pid, 42);
+        assert_eq!(p.build_id, "00ff00ff00ff00ff");
+        assert!(parse_pong(b"ping x pid=1").is_none());
+        assert!(parse_pong(b"pong x pid=").is_none());
+        assert!(parse_pong(b"pong x pid=1 extra").is_none());
+        assert!(parse_pong(b"").is_none());
+    }
+
+    #[test]
+    fn classifies_io_errors() {
+        use io::ErrorKind::*;
+        assert_eq!(classify_io(&ConnectionRefused.into()), Outcome::Refused);
+        for k in [
+            ConnectionReset,
+            BrokenPipe,
+            UnexpectedEof,
+            ConnectionAborted,
+        ] {
+            assert_eq!(classify_io(&k.into()), Outcome::Reset, "{k:?}");
+        }
+        assert_eq!(classify_io(&TimedOut.into()), Outcome::Timeout);
+        assert_eq!(classify_io(&io::Error::other("x")), Outcome::Other);
+    }
+
+    #[tokio::test]
+    async fn generations_report_the_first_new_pid() {
+        let g = Generations::default();
+        let t0 = Instant::now();
+        g.record(
+            &Pong {
+                build_id: "a".into(),
+                pid: 1,
+            },
+            t0,
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(20);
+        assert!(g.wait_new(&[1], deadline).await.is_none());
+        let t1 = Instant::now();
+        g.record(
+            &Pong {
+                build_id: "a".into(),
+                pid: 2,
+            },
+            t1,
+        );
+        let (pid, seen) = g
+            .wait_new(&[1], deadline + Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(pid, 2);
+        assert_eq!(seen.first, t1);
+    }
+}

@@ -49,12 +49,20 @@ struct Slow {
 }
 
 struct SlowResult {
+    launched_ms: f64,
     expected_pid: u32,
     result: Result<u32, (crate::stats::Outcome, String)>,
 }
 
 impl Slow {
-    fn launch(&mut self, base: &LoadConfig, n: usize, sleep: Duration, expected_pid: u32) {
+    fn launch(
+        &mut self,
+        base: &LoadConfig,
+        n: usize,
+        sleep: Duration,
+        expected_pid: u32,
+        launched_ms: f64,
+    ) {
         for _ in 0..n {
             let mut cfg = base.clone();
             cfg.path = format!("/ping?sleep_ms={}", sleep.as_millis());
@@ -69,6 +77,7 @@ impl Slow {
                     )),
                 };
                 SlowResult {
+                    launched_ms,
                     expected_pid,
                     result,
                 }
@@ -81,6 +90,7 @@ impl Slow {
         let mut counts = Counts::default();
         let mut errors = ErrorSamples::default();
         let mut old_gen = 0u64;
+        let mut others = Vec::new();
         let sent = self.tasks.len();
         for t in self.tasks {
             match tokio::time::timeout_at(deadline, t).await {
@@ -89,6 +99,8 @@ impl Slow {
                         counts.add(crate::stats::Outcome::Ok);
                         if pid == r.expected_pid {
                             old_gen += 1;
+                        } else if others.len() < 20 {
+                            others.push(json!({ "launched_ms": r.launched_ms, "expected_pid": r.expected_pid, "answered_by": pid }));
                         }
                     }
                     Err((o, m)) => {
@@ -107,6 +119,7 @@ impl Slow {
             "counts": counts,
             "failed": counts.failed(),
             "answered_by_old_generation": old_gen,
+            "answered_by_another": others,
             "errors": errors,
         })
     }
@@ -173,11 +186,13 @@ pub async fn run(
         let half = cfg.interval / 2;
         tokio::time::sleep(half).await;
         if cfg.slow_per_restart > 0 {
+            let at = epoch.elapsed().as_secs_f64() * 1000.0;
             slow.launch(
                 &load_cfg,
                 cfg.slow_per_restart,
                 cfg.slow,
                 target.current_pid,
+                at,
             );
         }
         tokio::time::sleep(cfg.interval - half).await;
@@ -300,12 +315,15 @@ fn procs(out: &mut String, title: &str, v: &serde_json::Value) {
     for p in v.as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
-            "  {:<16} pid {:>7}  alive {:<5}  fds {:>6}  rss {:>8} KiB",
+            "  {:<16} pid {:>7}  alive {:<5}  fds {:>6}  rss {:>7} KiB (anon {:>6}, file {:>6}, pss {:>6})",
             p["role"].as_str().unwrap_or("?"),
             f(&p["pid"]),
             p["alive"].as_bool().unwrap_or(false),
             f(&p["fds"]),
-            f(&p["rss_kib"])
+            f(&p["rss_kib"]),
+            f(&p["rss_anon_kib"]),
+            f(&p["rss_file_kib"]),
+            f(&p["pss_kib"])
         );
     }
 }
@@ -435,4 +453,48 @@ pub fn render(r: &serde_json::Value) -> String {
     procs(&mut o, "processes at start:", &r["processes_at_start"]);
     procs(&mut o, "processes at end:", &r["processes_at_end"]);
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(at_ms: f64, handoff_ms: Option<f64>) -> RestartRecord {
+        RestartRecord {
+            index: 0,
+            old_pid: 1,
+            new_pid: Some(2),
+            at_ms,
+            at_unix_us: 0,
+            handoff_ms,
+            commit_ms: None,
+            drain_ms: None,
+            error: None,
+            signal_at: None,
+        }
+    }
+
+    #[test]
+    fn windows_merge_and_contain_overlapping_requests() {
+        let tail = Duration::from_millis(10);
+        let w = windows(
+            &[
+                rec(100.0, Some(5.0)),
+                rec(110.0, Some(5.0)),
+                rec(500.0, None),
+            ],
+            tail,
+        );
+        // 100..115 and 110..125 merge; the restart without handoff has no window.
+        assert_eq!(w, vec![(100_000, 125_000)]);
+        let s = |start_us, latency_us| Sample {
+            start_us,
+            latency_us,
+            ok: true,
+        };
+        assert!(in_window(&w, &s(90_000, 20_000)), "spans the start");
+        assert!(in_window(&w, &s(120_000, 1)), "inside");
+        assert!(!in_window(&w, &s(126_000, 1)), "after");
+        assert!(!in_window(&w, &s(10_000, 1_000)), "before");
+    }
 }

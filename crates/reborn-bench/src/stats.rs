@@ -186,3 +186,33 @@ impl Spread {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_add_up() {
+        let mut c = Counts::default();
+        for o in [
+            Outcome::Ok,
+            Outcome::Ok,
+            Outcome::Reset,
+            Outcome::Refused,
+            Outcome::WrongBody,
+        ] {
+            c.add(o);
+        }
+        assert_eq!((c.total(), c.failed()), (5, 3));
+    }
+
+    #[test]
+    fn spread_summarises() {
+        let s = Spread::of([3, 1, 2].map(Duration::from_millis));
+        assert_eq!(
+            (s.count, s.min_ms, s.median_ms, s.max_ms),
+            (3, 1.0, 2.0, 3.0)
+        );
+        assert_eq!(Spread::of([]).count, 0);
+    }
+}

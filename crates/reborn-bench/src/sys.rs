@@ -48,6 +48,15 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A field of `/proc/PID/<file>` in KiB (`VmRSS:`, `RssAnon:`, `Pss:` …).
+fn kib_field(pid: u32, file: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (children inherit it) and returns
 /// the new soft limit.
 pub fn raise_nofile() -> io::Result<u64> {
@@ -80,8 +89,16 @@ pub struct ProcStat {
     pub alive: bool,
     /// Open file descriptors.
     pub fds: Option<usize>,
-    /// Resident set size in KiB.
+    /// Resident set size in KiB (`VmRSS`).
     pub rss_kib: Option<u64>,
+    /// Of which anonymous memory (`RssAnon`): the process's own.
+    pub rss_anon_kib: Option<u64>,
+    /// Of which file-backed pages (`RssFile`): the binary and shared libraries, shared
+    /// with every process that maps them.
+    pub rss_file_kib: Option<u64>,
+    /// Proportional set size (`Pss` of `smaps_rollup`): shared pages divided among
+    /// their sharers.
+    pub pss_kib: Option<u64>,
 }
 
 impl ProcStat {
@@ -94,6 +111,21 @@ impl ProcStat {
             alive,
             fds: if alive { fd_count(pid) } else { None },
             rss_kib: if alive { rss_kib(pid) } else { None },
+            rss_anon_kib: if alive {
+                kib_field(pid, "status", "RssAnon:")
+            } else {
+                None
+            },
+            rss_file_kib: if alive {
+                kib_field(pid, "status", "RssFile:")
+            } else {
+                None
+            },
+            pss_kib: if alive {
+                kib_field(pid, "smaps_rollup", "Pss:")
+            } else {
+                None
+            },
         }
     }
 }

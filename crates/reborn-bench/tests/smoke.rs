@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 fn run_bench(args: &[&str], json: &Path) -> serde_json::Value {
     let started = Instant::now();
@@ -123,6 +123,11 @@ fn self_upgrade_new_connections_lose_nothing() {
 }
 
 #[test]
+fn self_upgrade_h2_loses_nothing() {
+    smoke("h2");
+}
+
+#[test]
 fn help_describes_the_subcommands() {
     let out = Command::new(env!("CARGO_BIN_EXE_reborn-bench"))
         .arg("--help")
@@ -133,5 +138,4 @@ fn help_describes_the_subcommands() {
     for word in ["restart", "steady", "idle"] {
         assert!(text.contains(word), "{text}");
     }
-    let _ = Duration::ZERO;
 }
