@@ -330,3 +330,27 @@ fn control_socket_refuses_another_user() {
     assert_eq!(master.status()["state"], "serving", "nothing was obeyed");
     assert_eq!(master.status()["generation"], 1);
 }
+
+/// A new program that cannot be executed (exec fails: not a binary, no `#!`): the
+/// upgrade fails with the system's reason, the spawning thread survives (the reaper
+/// leaves the failed child to it), and a later upgrade to a good binary works.
+#[test]
+fn unexecutable_program_fails_the_upgrade() {
+    let dir = tempdir();
+    let (master, app) = start_app(dir.path(), &[]);
+    let (_, old_pid) = ping(master.addr);
+    replace_with_script(&app, "this is not a program\n");
+    let (ok, text) = master.upgrade();
+    assert!(!ok);
+    assert!(text.contains("could not be started"), "{text}");
+    assert!(text.contains("keeps serving"), "{text}");
+    assert_eq!(ping(master.addr).1, old_pid);
+
+    copy_to(&bench_server(), dir.path(), "app.good");
+    std::fs::rename(dir.path().join("app.good"), &app).unwrap();
+    let (ok, text) = master.upgrade();
+    assert!(ok, "{text}\n{}", master.proc.output());
+    wait_for("the good binary to serve", PATIENCE, || {
+        (ping(master.addr).1 != old_pid).then_some(())
+    });
+}
