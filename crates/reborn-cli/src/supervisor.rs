@@ -379,7 +379,15 @@ impl Supervisor {
                 }
             }
             Err(e) => {
-                let reason = format!("could not be started: {e} (program {:?})", self.cfg.program);
+                let hint = match e.raw_os_error() {
+                    Some(libc::ENOEXEC) => "; a script needs a #! line",
+                    Some(libc::ENOENT) => {
+                        "; the program, or the interpreter its #! line names, does not exist"
+                    }
+                    Some(libc::EACCES) => "; check its execute permission",
+                    _ => "",
+                };
+                let reason = format!("could not be started ({:?}: {e}{hint})", self.cfg.program);
                 self.worker_gone(generation, reason);
             }
         }
@@ -615,21 +623,24 @@ impl Supervisor {
         };
         let label = w.label();
         let lived = w.started.elapsed();
+        let when = if reason.starts_with("could not be started") {
+            ""
+        } else {
+            " before it was ready"
+        };
         match w.role {
             Role::Draining => {
                 tracing::info!(worker = %label, after = %human(lived), "a stopped worker {reason}");
             }
             Role::Starting(Purpose::Upgrade) => {
-                let msg = format!(
-                    "upgrade failed: the new worker, {label}, {reason} before it was ready"
-                );
+                let msg = format!("upgrade failed: the new worker, {label}, {reason}{when}");
                 self.finish_upgrade(generation, false, msg);
                 if self.current.is_none() && !self.stopping {
                     self.schedule_restart();
                 }
             }
             Role::Starting(Purpose::Replace) => {
-                tracing::warn!(worker = %label, "the worker {reason} before it was ready");
+                tracing::warn!(worker = %label, "the worker {reason}{when}");
                 self.note_crash(None);
                 self.schedule_restart();
             }
