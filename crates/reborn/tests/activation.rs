@@ -59,11 +59,9 @@ fn serves_and_upgrades_under_systemd_socket_activate() {
         proc.pid(),
         "systemd-socket-activate execs the server in its own process"
     );
-    assert!(
-        proc.output().contains("inherited=true"),
-        "{}",
-        proc.output()
-    );
+    proc.wait_line("the inherited listener", |l| {
+        l.contains("inherited=true").then_some(())
+    });
 
     reborn_testkit::replace_with_variant(&bin, &testserver(), b"v2");
     signal(pid, libc::SIGHUP);
@@ -144,12 +142,10 @@ fn listen_fds_for_another_process_are_ignored() {
         l.strip_prefix("listening on ")?.parse().ok()
     });
     assert_eq!(reborn_testkit::get(addr, "/ping").unwrap().status, 200);
-    assert!(
-        proc.output()
-            .contains("LISTEN_FDS is set for another process"),
-        "{}",
-        proc.output()
-    );
+    proc.wait_line("the warning", |l| {
+        l.contains("LISTEN_FDS is set for another process")
+            .then_some(())
+    });
 }
 
 #[test]
