@@ -134,6 +134,8 @@ struct Worker {
     stop_sent: bool,
     /// `READY=1` arrived before the PID did.
     ready_early: bool,
+    /// It sent at least one notify message.
+    said_anything: bool,
     status: Option<String>,
     _notify: Arc<NotifyReceiver>,
     watcher: AbortHandle,
@@ -349,6 +351,7 @@ impl Supervisor {
                 role: Role::Starting(purpose),
                 stop_sent: false,
                 ready_early: false,
+                said_anything: false,
                 status: None,
                 _notify: notify,
                 watcher,
@@ -399,6 +402,7 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&generation) else {
             return;
         };
+        w.said_anything = true;
         if let Some(status) = &message.status {
             tracing::info!(worker = %w.label(), status = %status, "worker status");
             w.status = Some(status.clone());
@@ -486,8 +490,14 @@ impl Supervisor {
             return;
         };
         let label = w.label();
+        let hint = if self.cfg.ready == ReadyMode::Notify && !w.said_anything {
+            " (it sent nothing to NOTIFY_SOCKET: a program that cannot report READY=1 \
+             needs --ready delay:…, tcp:… or http:…)"
+        } else {
+            ""
+        };
         let reason = format!(
-            "{label} was not ready within {} (--ready-timeout); it is being stopped",
+            "{label} was not ready within {} (--ready-timeout){hint}; it is being stopped",
             human(self.cfg.ready_timeout)
         );
         self.stop_worker(generation);

@@ -47,7 +47,7 @@ fn gunicorn_upgrades_under_load() {
     let chdir = dir.path().to_str().unwrap().to_owned();
     let master = Master::start(
         dir.path(),
-        &["--drain-timeout", "20s"],
+        &["--drain-timeout", "60s"],
         &[
             python.as_os_str(),
             OsStr::new("-m"),
@@ -134,7 +134,13 @@ fn documented_python_server_upgrades_under_load() {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples/master/server.py");
     assert!(server.is_file(), "{} exists", server.display());
     let dir = tempdir();
-    let master = Master::start(dir.path(), &[], &[python.as_os_str(), server.as_os_str()]);
+    // A drain deadline beyond the test's patience: an old generation that does not
+    // drain by itself fails the test rather than being killed in time.
+    let master = Master::start(
+        dir.path(),
+        &["--drain-timeout", "60s"],
+        &[python.as_os_str(), server.as_os_str()],
+    );
     let first = master.wait_serving();
     let r = reborn_testkit::get(master.addr, "/").unwrap();
     assert_eq!(r.body.trim(), format!("hello from pid {first}"));
@@ -157,7 +163,14 @@ fn documented_python_server_upgrades_under_load() {
         answered + failures.len() as u64,
         &failures[..failures.len().min(10)]
     );
-    wait_for("the first generation to exit", PATIENCE, || {
+    wait_for("the first generation to drain and exit", PATIENCE, || {
         (!alive(first)).then_some(())
     });
+    assert!(
+        !master
+            .proc
+            .output()
+            .contains("did not exit within the drain timeout"),
+        "every generation drained by itself"
+    );
 }

@@ -61,6 +61,11 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main():
+    # Block the stop signals in every thread (threads inherit the mask) and wait for them
+    # in this one with sigwait: a handler could run late or never while the main thread
+    # sleeps and the signal lands on another thread.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     sockets = listen_fds()
     if not sockets:
         sys.exit("server.py: no socket from LISTEN_FDS; run it under `reborn run --listen ...`")
@@ -71,11 +76,8 @@ def main():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     notify("READY=1\nSTATUS=serving\n")
-    stop.wait()
+    signal.sigwait(stop_signals)
 
     notify("STOPPING=1\nSTATUS=draining\n")
     draining.set()
