@@ -161,7 +161,7 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// A listener to bind and hand to every worker: NAME=ADDR, where ADDR is HOST:PORT
-    /// (127.0.0.1:8080, [::]:443, :8080 for every IPv4 interface; port 0 picks a free
+    /// (127.0.0.1:8080, 0.0.0.0:443, :8080 for every IPv4 interface; port 0 picks a free
     /// port) or a Unix socket path (/run/app.sock, unix:app.sock). NAME goes into
     /// LISTEN_FDNAMES; without NAME= the socket is unnamed. Repeat for more listeners.
     #[arg(long, short = 'l', value_name = "NAME=ADDR", value_parser = parse_listen)]

@@ -1,7 +1,7 @@
 //! The supervisor: the master's state machine, driven by one event loop.
 //!
 //! Everything that changes the master's state happens on one task, in [`Supervisor::run`]:
-//! signals, child exits (through the [`reaper`](crate::reaper)), readiness reports,
+//! signals, child exits (through the [`crate::reaper`]), readiness reports,
 //! timers, spawn outcomes and control commands all arrive here as [`Event`]s or signal
 //! wake-ups, so no state is shared and no lock is needed. Timers are small tasks that
 //! send an event naming the generation they are for; an event for a generation that has
