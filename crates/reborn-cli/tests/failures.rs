@@ -354,3 +354,29 @@ fn unexecutable_program_fails_the_upgrade() {
         (ping(master.addr).1 != old_pid).then_some(())
     });
 }
+
+/// SIGTERM stops gracefully; a second SIGTERM while a worker still drains kills it at
+/// once, and the master exits.
+#[test]
+fn second_sigterm_kills_a_draining_worker() {
+    let dir = tempdir();
+    let script = dir.path().join("stubborn.sh");
+    replace_with_script(
+        &script,
+        "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 0.1; done\n",
+    );
+    let mut master = Master::start(
+        dir.path(),
+        &["--ready", "delay:100ms", "--drain-timeout", "10m"],
+        &[script.as_os_str()],
+    );
+    let worker = master.wait_serving();
+    signal(master.pid(), libc::SIGTERM);
+    master.proc.wait_line("the graceful stop", |l| {
+        l.contains("stopping a worker").then_some(())
+    });
+    assert!(alive(worker), "it ignores SIGTERM and the deadline is far");
+    signal(master.pid(), libc::SIGTERM);
+    assert_eq!(master.proc.wait_exit(PATIENCE), Some(0));
+    assert!(!alive(worker));
+}
