@@ -15,10 +15,13 @@
 //!   streams, then the last stream ID is set); open streams finish.
 //! * **At the hammer** (drain deadline, `SIGUSR2`): the connection is dropped.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+
+use atomic_waker::AtomicWaker;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -99,20 +102,49 @@ impl Shutdown {
     }
 }
 
+/// The phase as plain atomics, read on every request and every connection wake-up
+/// without touching shared locks or reference counts (leaked once per [`DrainControl`],
+/// which lives as long as the process).
+#[derive(Debug)]
+pub(crate) struct PhaseFlags {
+    phase: AtomicU8,
+    draining: AtomicBool,
+}
+
+impl PhaseFlags {
+    pub(crate) fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::SeqCst) {
+            0 => Phase::Serving,
+            1 => Phase::Draining,
+            _ => Phase::Hammer,
+        }
+    }
+}
+
 /// The sending side of the phase, owned by the process's reborn state.
+///
+/// Connections do not poll a shared channel (its lock would be taken on every wake-up
+/// of every connection): each registers its own waker, and a phase change wakes them all.
 #[derive(Debug)]
 pub(crate) struct DrainControl {
     tx: watch::Sender<Phase>,
-    draining: Arc<AtomicBool>,
+    flags: &'static PhaseFlags,
     reason: std::sync::Mutex<Option<DrainReason>>,
+    conns: std::sync::Mutex<HashMap<u64, Arc<AtomicWaker>>>,
+    next_conn: AtomicU64,
 }
 
 impl DrainControl {
     pub(crate) fn new() -> Self {
         DrainControl {
             tx: watch::Sender::new(Phase::Serving),
-            draining: Arc::new(AtomicBool::new(false)),
+            flags: Box::leak(Box::new(PhaseFlags {
+                phase: AtomicU8::new(0),
+                draining: AtomicBool::new(false),
+            })),
             reason: std::sync::Mutex::new(None),
+            conns: std::sync::Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
         }
     }
 
@@ -123,29 +155,51 @@ impl DrainControl {
     }
 
     pub(crate) fn phase(&self) -> Phase {
-        *self.tx.borrow()
+        self.flags.phase()
     }
 
     pub(crate) fn reason(&self) -> Option<DrainReason> {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the drain; returns false if it had already started.
-    pub(crate) fn begin(&self, reason: DrainReason) -> bool {
-        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_some() {
+    /// Moves the phase forward to `to`; returns false if it was there already.
+    fn advance(&self, to: Phase) -> bool {
+        let code = match to {
+            Phase::Serving => 0,
+            Phase::Draining => 1,
+            Phase::Hammer => 2,
+        };
+        self.flags.draining.store(true, Ordering::SeqCst);
+        let before = self.flags.phase.fetch_max(code, Ordering::SeqCst);
+        if before >= code {
             return false;
         }
-        *slot = Some(reason);
-        self.draining.store(true, Ordering::SeqCst);
         self.tx.send_if_modified(|p| {
-            if *p < Phase::Draining {
-                *p = Phase::Draining;
-                true
-            } else {
-                false
+            let moved = *p < to;
+            if moved {
+                *p = to;
             }
+            moved
         });
+        // Wake every connection after the phase is stored: one that registers its waker
+        // later reads the new phase itself.
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for waker in conns.values() {
+            waker.wake();
+        }
+        true
+    }
+
+    /// Starts the drain; returns false if it had already started.
+    pub(crate) fn begin(&self, reason: DrainReason) -> bool {
+        {
+            let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_some() {
+                return false;
+            }
+            *slot = Some(reason);
+        }
+        self.advance(Phase::Draining);
         true
     }
 
@@ -155,19 +209,62 @@ impl DrainControl {
             let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
             slot.get_or_insert(DrainReason::Shutdown);
         }
-        self.draining.store(true, Ordering::SeqCst);
-        self.tx.send_if_modified(|p| {
-            if *p < Phase::Hammer {
-                *p = Phase::Hammer;
-                true
+        self.advance(Phase::Hammer)
+    }
+
+    /// Registers a connection for phase changes.
+    pub(crate) fn watch(self: &Arc<Self>) -> PhaseWatch {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let waker = Arc::new(AtomicWaker::new());
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, waker.clone());
+        PhaseWatch {
+            control: self.clone(),
+            id,
+            waker,
+            seen: Phase::Serving,
+        }
+    }
+}
+
+/// A connection's view of the phase: resolves when it moves past what was last seen.
+pub(crate) struct PhaseWatch {
+    control: Arc<DrainControl>,
+    id: u64,
+    waker: Arc<AtomicWaker>,
+    seen: Phase,
+}
+
+impl PhaseWatch {
+    /// The next phase after the one last returned (the first call returns the current
+    /// phase at once if it is not `Serving`).
+    pub(crate) fn changed(&mut self) -> impl Future<Output = Phase> + '_ {
+        std::future::poll_fn(move |cx| {
+            self.waker.register(cx.waker());
+            let now = self.control.flags.phase();
+            if now != self.seen {
+                self.seen = now;
+                Poll::Ready(now)
             } else {
-                false
+                Poll::Pending
             }
         })
     }
 
-    pub(crate) fn draining_flag(&self) -> Arc<AtomicBool> {
-        self.draining.clone()
+    fn flags(&self) -> &'static PhaseFlags {
+        self.control.flags
+    }
+}
+
+impl Drop for PhaseWatch {
+    fn drop(&mut self) {
+        self.control
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -182,7 +279,7 @@ struct ConnFacts {
 #[derive(Debug, Clone)]
 pub(crate) struct DrainService<S> {
     inner: S,
-    draining: Arc<AtomicBool>,
+    flags: &'static PhaseFlags,
     facts: Arc<ConnFacts>,
 }
 
@@ -201,7 +298,7 @@ where
         }
         DrainFuture {
             inner: self.inner.call(req),
-            close_when_draining: http1.then(|| self.draining.clone()),
+            close_when_draining: http1.then_some(&self.flags.draining),
         }
     }
 }
@@ -211,7 +308,7 @@ pin_project_lite::pin_project! {
     pub(crate) struct DrainFuture<F> {
         #[pin]
         inner: F,
-        close_when_draining: Option<Arc<AtomicBool>>,
+        close_when_draining: Option<&'static AtomicBool>,
     }
 }
 
@@ -224,7 +321,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut res = std::task::ready!(this.inner.poll(cx));
-        if let (Ok(resp), Some(draining)) = (&mut res, this.close_when_draining.as_ref()) {
+        if let (Ok(resp), Some(draining)) = (&mut res, *this.close_when_draining) {
             if draining.load(Ordering::SeqCst) {
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -239,8 +336,7 @@ pub(crate) async fn serve_connection<IO, S, B>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     io: IO,
     service: S,
-    mut phase: watch::Receiver<Phase>,
-    draining: Arc<AtomicBool>,
+    mut phase: PhaseWatch,
     idle_grace: Duration,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -254,45 +350,38 @@ pub(crate) async fn serve_connection<IO, S, B>(
     let facts = Arc::new(ConnFacts::default());
     let service = DrainService {
         inner: service,
-        draining,
+        flags: phase.flags(),
         facts: facts.clone(),
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    // Look at the phase once at the start: a connection accepted during the drain is
-    // served under the drain's rules from its first byte.
-    phase.mark_changed();
-    let mut watching = true;
+    // A connection accepted during the drain is served under the drain's rules from its
+    // first byte: `changed` reports a phase other than `Serving` at once.
     let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut shut_down = false;
     loop {
         tokio::select! {
+            biased;
             res = conn.as_mut() => {
                 if let Err(e) = res {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 return;
             }
-            changed = phase.changed(), if watching => {
-                if changed.is_err() {
-                    watching = false;
-                    continue;
-                }
-                match *phase.borrow_and_update() {
-                    Phase::Serving => {}
-                    Phase::Draining => {
-                        if facts.http2.load(Ordering::Relaxed) {
-                            if !shut_down {
-                                shut_down = true;
-                                conn.as_mut().graceful_shutdown();
-                            }
-                        } else if grace.is_none() && !shut_down {
-                            grace = Some(Box::pin(tokio::time::sleep(idle_grace)));
+            now = phase.changed() => match now {
+                Phase::Serving => {}
+                Phase::Draining => {
+                    if facts.http2.load(Ordering::Relaxed) {
+                        if !shut_down {
+                            shut_down = true;
+                            conn.as_mut().graceful_shutdown();
                         }
+                    } else if grace.is_none() && !shut_down {
+                        grace = Some(Box::pin(tokio::time::sleep(idle_grace)));
                     }
-                    Phase::Hammer => return,
                 }
-            }
+                Phase::Hammer => return,
+            },
             () = async { if let Some(g) = grace.as_mut() { g.await } }, if grace.is_some() => {
                 grace = None;
                 if !shut_down {

@@ -318,7 +318,7 @@ impl<H, S> Connections<H, S> {
         let builder = self.builder.clone();
         let service = self.service.clone();
         let shutdown = self.inner.drain.shutdown();
-        let draining = self.inner.drain.draining_flag();
+        let drain = self.inner.drain.clone();
         let grace = self.inner.config.idle_grace;
         let handshake = (self.handshake)(conn);
         self.tracker.spawn(async move {
@@ -336,15 +336,7 @@ impl<H, S> Connections<H, S> {
                 },
                 () = shutdown.hammered() => return,
             };
-            crate::drain::serve_connection(
-                builder,
-                io,
-                service,
-                shutdown.receiver(),
-                draining,
-                grace,
-            )
-            .await
+            crate::drain::serve_connection(builder, io, service, drain.watch(), grace).await
         });
     }
 }
