@@ -525,7 +525,10 @@ async fn client(
         let start = Instant::now();
         let deadline = tokio::time::Instant::from_std(start + cfg.timeout);
         let result: Result<Pong, Failure> = match cfg.mode {
-            Mode::Newconn => match tokio::time::timeout_at(deadline, one_shot(&cfg)).await {
+            Mode::Newconn => match {
+                out.connections += 1;
+                tokio::time::timeout_at(deadline, one_shot(&cfg)).await
+            } {
                 Ok(r) => r,
                 Err(_) => Err(Failure::timeout("request")),
             },

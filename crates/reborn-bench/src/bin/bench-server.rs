@@ -166,6 +166,26 @@ fn write_cached(identity: &str, id: &str) {
     if std::fs::write(&tmp, id).is_ok() {
         let _ = std::fs::rename(&tmp, dir.join(identity));
     }
+    prune_cache(&dir, 64);
+}
+
+/// Keeps the `keep` most recently written entries of the cache (a miss, which is when
+/// this runs, is off the critical path).
+fn prune_cache(dir: &std::path::Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if files.len() <= keep {
+        return;
+    }
+    files.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, path) in files.into_iter().skip(keep) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Microseconds since the Unix epoch, to line up this process's start-up with the signal

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs every measurement quoted in BENCHMARKS.md: release build, loopback only, each run
+# bounded in count and time (about 20 minutes in all on 2 cores). Results (JSON and the
+# printed tables) go to $OUT, by default crates/reborn-bench/results; the servers' logs
+# of the light-load runs to $OUT/logs (for phases.py). ONLY=REGEX runs only the runs
+# whose name matches, e.g. ONLY='^steady' ./crates/reborn-bench/run-benchmarks.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+cargo build --release -p reborn-bench -p reborn-cli
+B=$CARGO_TARGET_DIR/release
+OUT=${OUT:-crates/reborn-bench/results}
+mkdir -p "$OUT"
+run() { # name, then reborn-bench arguments
+    local name=$1; shift
+    if [[ -n ${ONLY:-} && ! $name =~ $ONLY ]]; then return; fi
+    echo "== $name: reborn-bench $*" | tee "$OUT/$name.txt"
+    echo "load average before: $(cat /proc/loadavg)" | tee -a "$OUT/$name.txt"
+    "$B/reborn-bench" "$@" --json "$OUT/$name.json" 2>&1 | tee -a "$OUT/$name.txt"
+    echo "load average after: $(cat /proc/loadavg)" | tee -a "$OUT/$name.txt"
+}
+
+# 100 restarts at concurrency 64, closed loop, for every path and connection mode.
+for path in self master stop-start; do
+    for mode in keepalive newconn h2; do
+        run "restart-$path-$mode" restart --path "$path" --mode "$mode" -c 64 \
+            --restarts 100 --interval-ms 250 --max-time-s 300
+    done
+done
+
+# The same with CPU headroom: 64 clients paced to 20,000 requests/s in all.
+for path in self master; do
+    for mode in keepalive newconn; do
+        run "paced-$path-$mode" restart --path "$path" --mode "$mode" -c 64 --rate 20000 \
+            --restarts 100 --interval-ms 250 --max-time-s 300
+    done
+done
+
+# Light load: the handoff itself, with the CPU mostly free (4 clients, 4,000 req/s, a
+# new connection per request so that the first answer from the new generation comes at
+# most ~1 ms after it can). The servers' logs are kept for phases.py.
+for path in self master; do
+    rm -rf "$OUT/logs/light-$path"
+    run "light-$path-newconn" --work-dir "$OUT/logs/light-$path" restart --path "$path" \
+        --mode newconn -c 4 --rate 4000 --restarts 100 --interval-ms 250 --max-time-s 300
+done
+
+# Steady state: reborn's serve against plain axum::serve, same handler, same load, in
+# 10 rounds of 3 s, alternating which server goes first.
+for mode in keepalive newconn h2; do
+    run "steady-$mode" steady --mode "$mode" -c 64 --rounds 10 --duration-s 3 --warmup-s 0.5
+done
+
+# 10,000 idle keep-alive connections through an upgrade, idle grace 1 s.
+for path in self master; do
+    run "idle-$path" idle --path "$path" --connections 10000 --idle-grace-ms 1000
+done

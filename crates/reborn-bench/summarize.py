@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Prints the Markdown tables of BENCHMARKS.md from reborn-bench's JSON reports.
+
+Usage: python3 crates/reborn-bench/summarize.py [RESULTS_DIR]
+"""
+import glob
+import json
+import os
+import sys
+
+d = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results")
+
+
+def load(name):
+    p = os.path.join(d, name + ".json")
+    return json.load(open(p)) if os.path.exists(p) else None
+
+
+def ms(x):
+    return "-" if x is None else f"{x:.1f}"
+
+
+def restart_table(prefix):
+    print("| path | mode | requests | failed | refused | reset | timeout | other | reconnects | slow ok / old gen | handoff median / p90 / max ms | old gen exit median ms | p99 / p99.9 / max latency ms (all) | same in restart windows |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in ["self", "master", "stop-start"]:
+        for mode in ["keepalive", "newconn", "h2"]:
+            r = load(f"{prefix}-{path}-{mode}")
+            if not r:
+                continue
+            q = r["requests"]
+            c = q["counts"]
+            rc = q["reconnects"]
+            rec = rc["after_connection_close"] + rc["closed_between_requests"] + rc["after_goaway"]
+            extra = rc.get("refused_unprocessed_by_goaway", 0)
+            recs = f"{rec}" + (f" (+{extra} GOAWAY-refused, re-sent)" if extra else "")
+            s = r["slow_requests"]
+            h = r["handoff"]
+            la, lw = r["latency"]["all"], r["latency"]["restart_windows"]
+            print(
+                f"| {path} | {mode} | {q['total']:,} | **{q['failed']:,}** | {c['refused']:,} | {c['reset']:,} | {c['timed_out']:,} | {c['other'] + c['bad_status'] + c['wrong_body']:,} | {recs} "
+                f"| {s['counts']['ok']}/{s['sent']} ; {s['answered_by_old_generation']} | {ms(h['median_ms'])} / {ms(h['p90_ms'])} / {ms(h['max_ms'])} "
+                f"| {ms(r['drain']['median_ms'])} | {ms(la['p99_ms'])} / {ms(la['p999_ms'])} / {ms(la['max_ms'])} | {ms(lw['p99_ms'])} / {ms(lw['p999_ms'])} / {ms(lw['max_ms'])} |"
+            )
+
+
+def procs_table():
+    print("| run | process | fds | VmRSS KiB | RssAnon KiB | RssFile KiB | PSS KiB |")
+    print("|---|---|---|---|---|---|---|")
+    for f in sorted(glob.glob(os.path.join(d, "restart-*.json"))):
+        r = json.load(open(f))
+        name = os.path.basename(f)[:-5]
+        for when, key in [("start", "processes_at_start"), ("end", "processes_at_end")]:
+            for p in r[key]:
+                print(f"| {name} ({when}) | {p['role']} {p['pid']} | {p['fds']} | {p['rss_kib']} | {p.get('rss_anon_kib')} | {p.get('rss_file_kib')} | {p.get('pss_kib')} |")
+
+
+def steady_table():
+    print("| mode | rounds | reborn req/s | plain axum req/s | ratio of means | median per-round ratio | reborn p50 / p99 ms | axum p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode in ["keepalive", "newconn", "h2"]:
+        r = load(f"steady-{mode}")
+        if not r:
+            continue
+        a, b = r["reborn"], r["plain_axum"]
+        print(
+            f"| {mode} | {r['rounds']} x {r['round_seconds']:.0f} s | {a['rps']:.0f} | {b['rps']:.0f} | **{r['throughput_ratio']:.3f}** | {r.get('median_round_ratio', 0):.3f} "
+            f"| {a['latency']['p50_ms']:.2f} / {a['latency']['p99_ms']:.2f} | {b['latency']['p50_ms']:.2f} / {b['latency']['p99_ms']:.2f} |"
+        )
+
+
+def idle_table():
+    print("| path | connections | closed cleanly | reset | still open | closed after grace + 1 s | close time after signal: median / max ms | deadline ms | active answered | master RSS KiB (anon) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for f in sorted(glob.glob(os.path.join(d, "idle-*.json"))):
+        r = json.load(open(f))
+        m = [p for p in r["processes_after"] if p["role"] == "master"]
+        mrss = f"{m[0]['rss_kib']} ({m[0].get('rss_anon_kib')})" if m else "-"
+        s = r["close_ms_after_signal"]
+        print(
+            f"| {r['path']} | {r['opened']} | {r['closed_cleanly']} | {r['reset']} | {r['still_open']} | {r['closed_after_deadline']} "
+            f"| {s['median_ms']:.0f} / {s['max_ms']:.0f} | {r['deadline_ms_after_signal']:.0f} | {r['active']['answered']}/{r['active']['sent']} | {mrss} |"
+        )
+
+
+print("### Restarts under closed-loop load\n")
+restart_table("restart")
+print("\n### Restarts under paced load (20,000 req/s)\n")
+restart_table("paced")
+print("\n### Steady state\n")
+steady_table()
+print("\n### Idle keep-alive connections\n")
+idle_table()
+print("\n### Processes\n")
+procs_table()
