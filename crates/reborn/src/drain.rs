@@ -190,17 +190,21 @@ impl DrainControl {
         true
     }
 
-    /// Starts the drain; returns false if it had already started.
-    pub(crate) fn begin(&self, reason: DrainReason) -> bool {
-        {
-            let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
-            if slot.is_some() {
-                return false;
-            }
-            *slot = Some(reason);
+    /// Claims the drain for `reason`; returns false if it had already started. The phase
+    /// moves on [`start_draining`](Self::start_draining), so the caller can say why
+    /// first.
+    pub(crate) fn claim(&self, reason: DrainReason) -> bool {
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return false;
         }
-        self.advance(Phase::Draining);
+        *slot = Some(reason);
         true
+    }
+
+    /// Moves to `Draining`: accept loops stop and connections apply the drain policy.
+    pub(crate) fn start_draining(&self) {
+        self.advance(Phase::Draining);
     }
 
     /// Closes everything now; returns false if that had already been asked.

@@ -274,7 +274,7 @@ impl Inner {
 
     /// Starts the drain (once) and arms the deadline. Returns false if it had started.
     pub(crate) fn begin_drain(self: &Arc<Self>, reason: DrainReason) -> bool {
-        if !self.drain.begin(reason) {
+        if !self.drain.claim(reason) {
             return false;
         }
         match reason {
@@ -287,8 +287,11 @@ impl Inner {
                 if let Some(manager) = self.notify.manager() {
                     crate::readiness::tell(manager, "STOPPING=1\nSTATUS=draining\n");
                 }
-                self.listeners().close_all();
             }
+        }
+        self.drain.start_draining();
+        if reason == DrainReason::Shutdown {
+            self.listeners().close_all();
         }
         let deadline = self.config.drain_timeout;
         let inner = self.clone();
