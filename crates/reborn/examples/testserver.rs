@@ -22,6 +22,7 @@ struct Args {
     drain_timeout: Option<Duration>,
     idle_grace: Option<Duration>,
     ready_delay: Option<Duration>,
+    panic_on_usr1: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -33,6 +34,7 @@ fn parse_args() -> Result<Args, String> {
         drain_timeout: None,
         idle_grace: None,
         ready_delay: None,
+        panic_on_usr1: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -50,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
             "--drain-timeout-ms" => a.drain_timeout = Some(ms(value()?)?),
             "--idle-grace-ms" => a.idle_grace = Some(ms(value()?)?),
             "--ready-delay-ms" => a.ready_delay = Some(ms(value()?)?),
+            "--panic-on-usr1" => a.panic_on_usr1 = true,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -109,6 +112,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         builder = builder
             .before(signal, move || println!("hook: before {signal}"))
             .after(signal, move || println!("hook: after {signal}"));
+    }
+    if args.panic_on_usr1 {
+        builder = builder.on(reborn::Signal::Usr1, || panic!("a hook that panics"));
     }
     let reborn = builder.build()?;
     let tcp = reborn.listen("http", &args.addr)?;

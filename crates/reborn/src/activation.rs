@@ -14,7 +14,7 @@
 //! tested and fuzzed on its own; [`take_from_env`] applies it to this process once.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
 /// The first file descriptor of the inherited sockets (`SD_LISTEN_FDS_START`).
@@ -288,6 +288,13 @@ pub fn take_from_env() -> Result<ProcessEnv, ActivationError> {
     let (sockets, ignored) = match parsed {
         Err(ignored) => (Vec::new(), Some(ignored)),
         Ok(fds) => {
+            // Close-on-exec first, for the whole range: should one of them fail the
+            // checks below, none may leak into the processes this one starts.
+            for raw in LISTEN_FDS_START..LISTEN_FDS_START + fds.count() as RawFd {
+                // SAFETY: F_SETFD on any integer is harmless; an fd that is not open
+                // yields EBADF, reported by the checks below.
+                unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
             let mut sockets = Vec::with_capacity(fds.count());
             for (i, name) in fds.names.into_iter().enumerate() {
                 let raw = LISTEN_FDS_START + i as RawFd;
@@ -296,7 +303,6 @@ pub fn take_from_env() -> Result<ProcessEnv, ActivationError> {
                 // this process by the socket-activation protocol, which hands over its
                 // ownership; the `TAKEN` flag makes sure it is wrapped only once.
                 let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                set_cloexec(&fd);
                 sockets.push(InheritedSocket { fd, name });
             }
             (sockets, None)
@@ -334,14 +340,6 @@ fn thread_count() -> Option<usize> {
     std::fs::read_dir("/proc/self/task")
         .ok()
         .map(|dir| dir.count())
-}
-
-fn set_cloexec(fd: &OwnedFd) {
-    // Failure is impossible on a valid fd; the fd was just checked with fstat.
-    let _ = nix::fcntl::fcntl(
-        fd.as_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
 }
 
 fn check_listening_socket(raw: RawFd, name: Option<&str>) -> Result<(), ActivationError> {

@@ -25,7 +25,8 @@ pub enum Error {
     /// Another socket is already bound to the address.
     #[error(
         "cannot listen on {addr}: the address is already in use; another process listens \
-         there (see `ss -ltnp`), stop it or choose another address"
+         there (see `ss -ltnp` for TCP, `ss -lxp` for Unix sockets), stop it or choose \
+         another address"
     )]
     AddrInUse {
         /// The address asked for.

@@ -6,7 +6,7 @@
 //! its own task under the policy of [`crate::drain`].
 
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -168,12 +168,17 @@ impl Reborn {
         }
         if inner.drain.reason() == Some(DrainReason::Shutdown)
             && inner.drain.phase() == Phase::Draining
+            && inner.master_pid.is_none()
         {
             // No successor will accept what is already queued: accept it, and serve it
-            // under the drain's rules, rather than let it be reset at exit.
+            // under the drain's rules, rather than let it be reset at exit. (Under the
+            // master, the queue is the next worker's.)
             let mut swept = 0;
-            while let Some(conn) = accepting.try_accept(inner.config.tcp_nodelay) {
-                conns.spawn(conn);
+            while swept < inner.config.backlog.max(1) {
+                match accepting.accept_queued(inner.config.tcp_nodelay) {
+                    Some(conn) => conns.spawn(conn),
+                    None => break,
+                }
                 swept += 1;
             }
             if swept > 0 {
@@ -187,6 +192,9 @@ impl Reborn {
             tracing::info!(addr = %addr, open, "waiting for open connections to finish");
         }
         conns.tracker.wait().await;
+        // An upgrade still deciding must finish (commit, or stop the new process) before
+        // this process may exit: a new process must never be left serving unwatched.
+        drop(inner.upgrade_lock.lock().await);
         tracing::info!(addr = %addr, "drained");
         Ok(())
     }
@@ -283,17 +291,22 @@ impl Accepting {
         }
     }
 
-    fn try_accept(&self, nodelay: bool) -> Option<Connection> {
-        let mut cx = Context::from_waker(Waker::noop());
+    /// Accepts a connection already in the kernel's queue, if any, without waiting: on
+    /// the socket itself, since tokio's cached readiness may not know of it yet.
+    fn accept_queued(&self, nodelay: bool) -> Option<Connection> {
+        let accepted = match self {
+            Accepting::Tcp(l) => socket2::SockRef::from(l).accept(),
+            Accepting::Unix(l) => socket2::SockRef::from(l).accept(),
+        };
+        let (socket, _) = accepted.ok()?;
+        socket.set_nonblocking(true).ok()?;
         match self {
-            Accepting::Tcp(l) => match l.poll_accept(&mut cx) {
-                Poll::Ready(Ok((s, _))) => Some(Connection::tcp(s, nodelay)),
-                _ => None,
-            },
-            Accepting::Unix(l) => match l.poll_accept(&mut cx) {
-                Poll::Ready(Ok((s, _))) => Some(Connection::Unix(s)),
-                _ => None,
-            },
+            Accepting::Tcp(_) => tokio::net::TcpStream::from_std(socket.into())
+                .ok()
+                .map(|s| Connection::tcp(s, nodelay)),
+            Accepting::Unix(_) => tokio::net::UnixStream::from_std(socket.into())
+                .ok()
+                .map(Connection::Unix),
         }
     }
 }

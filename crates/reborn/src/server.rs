@@ -17,7 +17,7 @@ use crate::upgrade::{UpgradeError, Upgraded};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadyMode {
     /// Once every listener handed out by [`Reborn::listen`] is served by
-    /// [`Reborn::serve`] (the default).
+    /// [`Reborn::serve`] (the default). Ask for every listener before the first `serve`.
     Auto,
     /// When the program calls [`Reborn::ready`]: for servers with their own accept loop,
     /// or with work to do (warm caches, connect to a database) before serving.
@@ -200,6 +200,7 @@ impl Builder {
             drain: Arc::new(DrainControl::new()),
             ready: AtomicBool::new(false),
             serving: AtomicUsize::new(0),
+            sigint_seen: AtomicBool::new(false),
             started: OnceLock::new(),
             upgrade_lock: tokio::sync::Mutex::new(()),
         };
@@ -263,6 +264,7 @@ pub(crate) struct Inner {
     pub(crate) drain: Arc<DrainControl>,
     pub(crate) ready: AtomicBool,
     pub(crate) serving: AtomicUsize,
+    sigint_seen: AtomicBool,
     started: OnceLock<()>,
     pub(crate) upgrade_lock: tokio::sync::Mutex<()>,
 }
@@ -295,15 +297,27 @@ impl Inner {
         }
         let deadline = self.config.drain_timeout;
         let inner = self.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                tokio::time::sleep(deadline).await;
-                if inner.drain.hammer() {
-                    tracing::warn!(
-                        "drain deadline of {deadline:?} reached: closing the connections that are left"
-                    );
-                }
-            });
+        let at_deadline = move || {
+            if inner.drain.hammer() {
+                tracing::warn!(
+                    "drain deadline of {deadline:?} reached: closing the connections that are left"
+                );
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    tokio::time::sleep(deadline).await;
+                    at_deadline();
+                });
+            }
+            // Called outside a runtime: a thread keeps the deadline.
+            Err(_) => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(deadline);
+                    at_deadline();
+                });
+            }
         }
         true
     }
@@ -326,7 +340,12 @@ impl Inner {
                 "reborn's serve() and ready() must run inside a tokio runtime",
             ))
         })?;
-        let mut signals = crate::signals::Signals::install(&self.hooks).map_err(Error::Runtime)?;
+        let mut signals = crate::signals::Signals::install(&self.hooks).map_err(|e| {
+            Error::io(
+                "cannot install the signal handlers (SIGHUP, SIGTERM, SIGINT, SIGUSR1, SIGUSR2)",
+                e,
+            )
+        })?;
         if self.started.set(()).is_err() {
             return Ok(());
         }
@@ -373,7 +392,10 @@ impl Inner {
                 }
             }
             Signal::Int => {
-                if !self.begin_drain(DrainReason::Shutdown) {
+                // The impatient second Ctrl-C hammers; the first one drains, also after
+                // an upgrade has already started this generation's drain.
+                let again = self.sigint_seen.swap(true, Ordering::SeqCst);
+                if !self.begin_drain(DrainReason::Shutdown) && again {
                     self.hammer();
                 }
             }
@@ -434,7 +456,7 @@ impl Reborn {
     /// wrong kind; each message names the address.
     pub fn listen(&self, name: &str, addr: &str) -> Result<Listener> {
         let addr = ListenAddr::parse(addr)?;
-        self.inner.listeners().listen(Some(name), &addr)
+        self.listen_on(Some(name), &addr)
     }
 
     /// As [`listen`](Self::listen), with an already parsed address and an optional name
@@ -443,6 +465,14 @@ impl Reborn {
     /// # Errors
     /// As [`listen`](Self::listen).
     pub fn listen_on(&self, name: Option<&str>, addr: &ListenAddr) -> Result<Listener> {
+        if self.inner.ready.load(Ordering::SeqCst) {
+            tracing::warn!(
+                addr = %addr,
+                "a listener was asked for after this process reported ready: the previous \
+                 generation may already be gone, and inherited sockets not asked for by then \
+                 were closed; ask for every listener before the first serve()"
+            );
+        }
         self.inner.listeners().listen(name, addr)
     }
 

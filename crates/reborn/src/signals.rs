@@ -102,10 +102,21 @@ impl Hooks {
         self.hooks.entry((signal, when)).or_default().push(hook);
     }
 
+    /// Runs the hooks; a hook that panics is logged, and the others and the signal's
+    /// own action still run (a panic must not end signal handling).
     pub(crate) fn run(&self, signal: Signal, when: When) {
         if let Some(hooks) = self.hooks.get(&(signal, when)) {
             for hook in hooks {
-                hook();
+                if let Err(panic) =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook()))
+                {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    tracing::error!(%signal, "a {signal} hook panicked: {what}");
+                }
             }
         }
     }

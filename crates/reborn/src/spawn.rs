@@ -15,7 +15,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -39,7 +39,8 @@ pub struct SpawnSpec<'fd> {
 }
 
 impl<'fd> SpawnSpec<'fd> {
-    /// Starts `program` (a path: it is executed as is, never looked up in `PATH`).
+    /// Starts `program` (a path: it is executed as is, never looked up in `PATH`; a
+    /// relative path is taken from this process's working directory).
     ///
     /// `argv[0]` defaults to the program path. The environment starts empty: add to it
     /// with [`env`](Self::env) or [`envs`](Self::envs). Any socket-activation or notify
@@ -47,6 +48,8 @@ impl<'fd> SpawnSpec<'fd> {
     /// adding the rest.
     pub fn new(program: impl Into<PathBuf>) -> Self {
         let program = program.into();
+        // Relative to the parent's working directory, not the child's.
+        let program = std::path::absolute(&program).unwrap_or(program);
         SpawnSpec {
             arg0: program.clone().into_os_string(),
             program,
@@ -159,6 +162,11 @@ struct ExecPlan {
     sources: Vec<RawFd>,
     moved: Vec<RawFd>,
     parent_death_signal: Option<(libc::c_int, libc::pid_t)>,
+    /// Placeholders on the parent's free fds in the target range, held until the
+    /// `Command` is dropped (after its spawn): std opens the pipe on which the child
+    /// reports a failed `execve` at the lowest free fd, and a `dup2` onto it in the child
+    /// would turn an exec failure into a successful-looking spawn.
+    _placeholders: Vec<OwnedFd>,
 }
 
 // SAFETY: the raw pointers point into the CStrings and the buffer owned by the same plan
@@ -222,6 +230,8 @@ impl ExecPlan {
         }
         envp.push(std::ptr::null());
         let sources: Vec<RawFd> = spec.sockets.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+        let placeholders =
+            occupy_free_fds(LISTEN_FDS_START..LISTEN_FDS_START + sources.len() as RawFd)?;
         Ok(ExecPlan {
             program,
             _argv_owned: argv_owned,
@@ -232,6 +242,7 @@ impl ExecPlan {
             moved: vec![-1; sources.len()],
             sources,
             parent_death_signal: spec.parent_death_signal,
+            _placeholders: placeholders,
         })
     }
 
@@ -289,6 +300,31 @@ impl ExecPlan {
         }
         Err(io::Error::last_os_error())
     }
+}
+
+/// Puts a close-on-exec placeholder (`/dev/null`) on every free fd in `range`.
+fn occupy_free_fds(range: std::ops::Range<RawFd>) -> io::Result<Vec<OwnedFd>> {
+    let mut held = Vec::new();
+    if range.is_empty() {
+        return Ok(held);
+    }
+    let devnull = std::fs::File::open("/dev/null")?;
+    for fd in range {
+        // SAFETY: F_GETFD only reads the flags of whatever `fd` is, if anything.
+        let free = unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::EBADF);
+        if !free {
+            continue;
+        }
+        // SAFETY: F_DUPFD_CLOEXEC duplicates an fd we own onto the lowest free fd >= `fd`.
+        let dup = unsafe { libc::fcntl(devnull.as_raw_fd(), libc::F_DUPFD_CLOEXEC, fd) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `dup` is a new fd that nothing else owns.
+        held.push(unsafe { OwnedFd::from_raw_fd(dup) });
+    }
+    Ok(held)
 }
 
 /// Writes `value` in decimal followed by a NUL into `out`, which holds at least 21 bytes.
@@ -374,6 +410,27 @@ mod tests {
         assert_eq!(first[2], "2");
         assert_eq!(first[3], "one:unknown");
         assert_eq!(lines.next(), Some("2"), "{text}");
+    }
+
+    /// A hole among the target fds must not swallow std's exec-error pipe.
+    #[test]
+    fn exec_failure_is_reported_with_holes_below_the_targets() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dups: Vec<OwnedFd> = (0..12)
+            .map(|_| std::os::fd::AsFd::as_fd(&l).try_clone_to_owned().unwrap())
+            .collect();
+        let highest = dups.iter().map(|d| d.as_raw_fd()).max().unwrap();
+        // Free every other dup: holes at known numbers, all below 3 + n.
+        let (keep, free): (Vec<_>, Vec<_>) =
+            dups.into_iter().enumerate().partition(|(i, _)| i % 2 == 0);
+        drop(free);
+        let n = (highest - LISTEN_FDS_START + 1) as usize;
+        let mut spec = SpawnSpec::new("/nonexistent/reborn-test");
+        for _ in 0..n {
+            spec = spec.socket(std::os::fd::AsFd::as_fd(&keep[0].1), None);
+        }
+        let err = spec.command().unwrap().spawn().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]

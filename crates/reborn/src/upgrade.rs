@@ -144,7 +144,15 @@ pub(crate) async fn upgrade(inner: &Arc<Inner>) -> Result<Upgraded, UpgradeError
     let result = spawn_and_wait(inner, &path, manager.as_deref(), started).await;
     if let Err(e) = &result {
         if let Some(m) = &manager {
-            tell(m, &format!("READY=1\nSTATUS=upgrade failed: {e}\n"));
+            // The new process may have told the manager it is the main process before it
+            // failed: this one is, still.
+            tell(
+                m,
+                &format!(
+                    "MAINPID={}\nREADY=1\nSTATUS=upgrade failed: {e}\n",
+                    std::process::id()
+                ),
+            );
         }
     }
     result
@@ -212,8 +220,11 @@ async fn spawn_and_wait(
     let pid = child.id().unwrap_or(0);
     tracing::info!(pid, "new process started; waiting for it to be ready");
     let timeout = inner.config.ready_timeout;
+    let shutdown = inner.drain.shutdown();
     let outcome = tokio::select! {
-        ready = receiver.wait_ready() => ready.map(|_| ()).map_err(UpgradeError::Notify),
+        // An exit is looked at first: a process that said READY=1 and died at once
+        // must not be committed to.
+        biased;
         status = child.wait() => Err(UpgradeError::Exited {
             pid,
             status: match status {
@@ -221,7 +232,18 @@ async fn spawn_and_wait(
                 Err(e) => format!("could not be waited for ({e})"),
             },
         }),
+        ready = receiver.wait_ready() => ready.map(|_| ()).map_err(UpgradeError::Notify),
+        // A shutdown while the new process starts: it must not be left serving alone.
+        () = shutdown.draining() => Err(UpgradeError::Draining { pid: std::process::id() }),
         () = tokio::time::sleep(timeout) => Err(UpgradeError::NotReady { pid, timeout }),
+    };
+    // Still alive at the moment of the commit?
+    let outcome = match (outcome, child.try_wait()) {
+        (Ok(()), Ok(Some(status))) => Err(UpgradeError::Exited {
+            pid,
+            status: describe_exit(status),
+        }),
+        (outcome, _) => outcome,
     };
     match outcome {
         Ok(()) if inner.begin_drain(DrainReason::Upgraded { successor: pid }) => {

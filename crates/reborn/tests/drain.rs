@@ -174,3 +174,32 @@ fn http2_clients_get_goaway_and_their_streams_finish() {
     });
     assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
 }
+
+#[test]
+fn a_panicking_hook_does_not_end_signal_handling() {
+    let mut server = Server::start(&["--panic-on-usr1"]);
+    signal(server.proc.pid(), libc::SIGUSR1);
+    server.proc.wait_line("the logged panic", |l| {
+        l.contains("hook panicked").then_some(())
+    });
+    signal(server.proc.pid(), libc::SIGTERM);
+    assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
+}
+
+/// After an upgrade, the old generation drains; a Ctrl-C (SIGINT) it gets then is a
+/// first request to stop, not the impatient second one: its requests still finish.
+#[test]
+fn the_first_sigint_after_an_upgrade_does_not_hammer() {
+    let mut server = Server::start(&[]);
+    let old = server.proc.pid();
+    let addr = server.addr;
+    let slow = std::thread::spawn(move || reborn_testkit::get(addr, "/ping?sleep_ms=1500"));
+    wait_slow_started(&server);
+    signal(old, libc::SIGHUP);
+    server.wait_new_pid(old);
+    signal(old, libc::SIGINT);
+    let resp = slow.join().unwrap().expect("the slow request finishes");
+    assert_eq!(body_pid(&resp.body), Some(old));
+    assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
+    server.stop_current();
+}

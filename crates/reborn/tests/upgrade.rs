@@ -218,3 +218,21 @@ fn an_upgrade_can_follow_while_the_old_generation_still_drains() {
     assert_eq!(server.proc.wait_exit(Duration::from_secs(30)), Some(0));
     server.stop_current();
 }
+
+/// A shutdown while the new process is starting: the new process is stopped too, and
+/// nothing is left serving.
+#[test]
+fn sigterm_during_an_upgrade_stops_the_new_process_too() {
+    let mut server = Server::start(&["--ready-timeout-ms", "60000"]);
+    let old = server.proc.pid();
+    reborn_testkit::replace_with_script(&server.bin, "#!/bin/sh\nexec sleep 600\n");
+    signal(old, libc::SIGHUP);
+    let new = wait_for("the new process to start", PATIENCE, || {
+        children(old).first().copied()
+    });
+    signal(old, libc::SIGTERM);
+    assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
+    wait_for("the new process to be stopped", PATIENCE, || {
+        (!alive(new)).then_some(())
+    });
+}
