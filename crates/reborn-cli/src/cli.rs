@@ -188,8 +188,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIGNAL", default_value = "SIGTERM", value_parser = parse_signal)]
     pub stop_signal: Signal,
 
-    /// How long a stopped worker may drain before it gets SIGKILL.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    /// How long a stopped worker may drain before it gets SIGKILL. The default is longer
+    /// than a reborn worker's own drain deadline (60s), so that such a worker closes what
+    /// is left itself, in order, before the master has to kill it.
+    #[arg(long, value_name = "DURATION", default_value = "70s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
     /// The longest wait between restarts of a worker that keeps crashing (the wait starts

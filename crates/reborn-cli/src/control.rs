@@ -164,7 +164,18 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
                     ),
                 ));
             }
-            Err(_) => std::fs::remove_file(path)?,
+            // Nobody accepts there: a stale file from a master that is gone.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)?,
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} exists and cannot be checked ({e}); remove it if no master uses it, \
+                         or give this one another --name",
+                        path.display()
+                    ),
+                ));
+            }
         }
     }
     let listener = UnixListener::bind(path).map_err(|e| {

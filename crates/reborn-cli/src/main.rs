@@ -163,6 +163,7 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let pid_file = args.pid_file;
     let result = runtime.block_on(async {
+        let signals = supervisor::MasterSignals::install()?;
         let control = control::bind(&control_path)?;
         tracing::info!("control socket: {}", control_path.display());
         if let Some(path) = &pid_file {
@@ -183,7 +184,7 @@ fn run(args: RunArgs) -> ExitCode {
             tracing::info!("reporting to the service manager through NOTIFY_SOCKET");
         }
         supervisor::Supervisor::new(cfg, tx, spawner, upstream)
-            .run(rx)
+            .run(signals, rx)
             .await
     });
     let _ = std::fs::remove_file(&control_path);

@@ -33,6 +33,34 @@ use crate::reaper;
 use crate::sdnotify::Upstream;
 use crate::spawner::{SpawnJob, Spawner};
 
+/// The master's signal handlers. Installed before anything announces the master (the
+/// control socket, the PID file), so that a signal sent as soon as it is visible is
+/// handled, not fatal.
+pub struct MasterSignals {
+    chld: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+    tstp: tokio::signal::unix::Signal,
+}
+
+impl MasterSignals {
+    /// Installs the handlers; needs the runtime.
+    pub fn install() -> io::Result<MasterSignals> {
+        Ok(MasterSignals {
+            chld: signal(SignalKind::child())?,
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
+            tstp: signal(SignalKind::from_raw(libc::SIGTSTP))?,
+        })
+    }
+}
+
 /// The first wait before restarting a crashed worker; it doubles up to the ceiling.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 /// A worker that served this long was healthy: the crash count starts over.
@@ -239,13 +267,20 @@ impl Supervisor {
 
     /// Starts the first worker and runs until the master has stopped and every worker has
     /// exited.
-    pub async fn run(mut self, mut events: UnboundedReceiver<Event>) -> io::Result<()> {
-        let mut chld = signal(SignalKind::child())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut usr1 = signal(SignalKind::user_defined1())?;
-        let mut usr2 = signal(SignalKind::user_defined2())?;
+    pub async fn run(
+        mut self,
+        signals: MasterSignals,
+        mut events: UnboundedReceiver<Event>,
+    ) -> io::Result<()> {
+        let MasterSignals {
+            mut chld,
+            mut hup,
+            mut term,
+            mut int,
+            mut usr1,
+            mut usr2,
+            mut tstp,
+        } = signals;
 
         if let Err(reason) = self.start_worker(Purpose::Replace) {
             return Err(io::Error::other(reason));
@@ -261,6 +296,7 @@ impl Supervisor {
                 _ = int.recv() => self.request_stop("SIGINT", true),
                 _ = usr1.recv() => self.forward(Signal::SIGUSR1),
                 _ = usr2.recv() => self.forward(Signal::SIGUSR2),
+                _ = tstp.recv() => self.forward(Signal::SIGTSTP),
                 event = events.recv() => match event {
                     Some(event) => self.handle(event),
                     None => break,

@@ -144,7 +144,7 @@ fn sighup_upgrades_and_generations_drain_side_by_side() {
 
 /// The worker sees the protocol exactly: LISTEN_PID is its own PID, LISTEN_FDS and
 /// LISTEN_FDNAMES match the listeners, NOTIFY_SOCKET and REBORN_MASTER_PID are set.
-/// SIGUSR1 and SIGUSR2 to the master reach the worker. A readiness delay works for a
+/// SIGUSR1, SIGUSR2 and SIGTSTP to the master reach the worker. A readiness delay works for a
 /// program that cannot notify.
 #[test]
 fn worker_environment_and_forwarded_signals() {
@@ -158,6 +158,7 @@ fn worker_environment_and_forwarded_signals() {
             "#!/bin/sh\n\
              trap 'echo usr1 >> {sigs}' USR1\n\
              trap 'echo usr2 >> {sigs}' USR2\n\
+             trap 'echo tstp >> {sigs}' TSTP\n\
              trap 'exit 0' TERM\n\
              fds=$(for f in /proc/$$/fd/*; do readlink $f; done | tr '\\n' ' ')\n\
              echo \"$$|$LISTEN_PID|$LISTEN_FDS|$LISTEN_FDNAMES|$REBORN_MASTER_PID|${{NOTIFY_SOCKET:+set}}|$fds\" > {out}.tmp\n\
@@ -213,6 +214,24 @@ fn worker_environment_and_forwarded_signals() {
             .ok()
             .filter(|s| s.contains("usr2"))
     });
+    signal(master.pid(), libc::SIGTSTP);
+    wait_for("SIGTSTP to reach the worker", PATIENCE, || {
+        std::fs::read_to_string(&sigs)
+            .ok()
+            .filter(|s| s.contains("tstp"))
+    });
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", master.pid())).unwrap();
+    let state = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert_ne!(
+        state, "T",
+        "the master handles SIGTSTP instead of being suspended"
+    );
     assert!(alive(pid), "the worker survived the forwarded signals");
 }
 
