@@ -1,8 +1,9 @@
 //! Telling when a new worker is ready to serve.
 //!
 //! The default is the worker's own word: `READY=1` on the private `NOTIFY_SOCKET` the
-//! master gives each worker (one socket per worker, so a message can only come from the
-//! worker it was made for). For programs that cannot notify, three probes stand in: a
+//! master gives each worker (one socket per worker, in a directory only this user can
+//! enter: a message on it comes from that worker, or from a process it handed the
+//! variable to, such as `systemd-notify`). For programs that cannot notify, three probes stand in: a
 //! fixed delay, a TCP connect, or an HTTP `GET` answering 2xx. A probe must target an
 //! address of the worker's own: the shared listeners are held open by the master and
 //! answered by the old worker, so a probe there would prove nothing (`reborn run`

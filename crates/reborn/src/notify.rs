@@ -105,8 +105,9 @@ pub fn send(addr: &OsStr, message: &str) -> io::Result<()> {
 /// A private notify socket on which one child process reports readiness.
 ///
 /// It lives in a fresh directory only this user can enter (mode 0700), so only processes
-/// of this user (in practice: the child it was made for) can write to it. The directory
-/// goes away when this is dropped.
+/// of this user can write to it; its path is given to one child only (and to whatever
+/// that child hands its environment on to, such as `systemd-notify`). The directory goes
+/// away when this is dropped.
 #[derive(Debug)]
 pub struct NotifyReceiver {
     socket: tokio::net::UnixDatagram,
