@@ -46,9 +46,10 @@ for path in self master; do
 done
 
 # Steady state: reborn's serve against plain axum::serve, same handler, same load, in
-# 10 rounds of 3 s, alternating which server goes first.
+# 20 rounds of 2 s, alternating which server goes first (the median of the per-round
+# ratios is the robust figure on a shared machine).
 for mode in keepalive newconn h2; do
-    run "steady-$mode" steady --mode "$mode" -c 64 --rounds 10 --duration-s 3 --warmup-s 0.5
+    run "steady-$mode" steady --mode "$mode" -c 64 --rounds 20 --duration-s 2 --warmup-s 0.5
 done
 
 # 10,000 idle keep-alive connections through an upgrade, idle grace 1 s.

@@ -525,13 +525,13 @@ async fn client(
         let start = Instant::now();
         let deadline = tokio::time::Instant::from_std(start + cfg.timeout);
         let result: Result<Pong, Failure> = match cfg.mode {
-            Mode::Newconn => match {
+            Mode::Newconn => {
                 out.connections += 1;
-                tokio::time::timeout_at(deadline, one_shot(&cfg)).await
-            } {
-                Ok(r) => r,
-                Err(_) => Err(Failure::timeout("request")),
-            },
+                match tokio::time::timeout_at(deadline, one_shot(&cfg)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Failure::timeout("request")),
+                }
+            }
             Mode::Keepalive | Mode::H2 => {
                 let h2 = cfg.mode == Mode::H2;
                 let attempt = tokio::time::timeout_at(deadline, async {
