@@ -75,8 +75,9 @@ struct ServerArgs {
     /// An extra argument for the server (repeatable), e.g. --server-arg=--idle-grace-ms=500.
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
     server_args: Vec<String>,
-    /// Load a server that runs already, at this URL (http://HOST:PORT/PATH, loopback only),
-    /// instead of starting one. Its path must answer `pong <build-id> pid=<pid>`.
+    /// Load a server that runs already, at this URL (http://HOST:PORT/…, loopback only),
+    /// instead of starting one. The bench requests `/ping` and `/ping?sleep_ms=N` there
+    /// (whatever the URL's path), which must answer `pong <build-id> pid=<pid>`.
     #[arg(long, value_name = "URL")]
     url: Option<String>,
     /// The running server's PID file (self path with --url).
