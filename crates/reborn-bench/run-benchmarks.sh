@@ -56,3 +56,15 @@ done
 for path in self master; do
     run "idle-$path" idle --path "$path" --connections 10000 --idle-grace-ms 1000
 done
+
+# The handoff with a statically linked, non-PIE bench-server (no dynamic loader, no
+# relocations at exec), light load, beside the default build.
+if [[ -z ${ONLY:-} || static =~ $ONLY ]]; then
+    RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
+        CARGO_TARGET_DIR="$CARGO_TARGET_DIR/static" \
+        cargo build --release -p reborn-bench --bin bench-server --target x86_64-unknown-linux-gnu
+    rm -rf "$OUT/logs/light-self-static"
+    run "light-self-newconn-static" --work-dir "$OUT/logs/light-self-static" restart \
+        --server "$CARGO_TARGET_DIR/static/x86_64-unknown-linux-gnu/release/bench-server" \
+        --path self --mode newconn -c 4 --rate 4000 --restarts 100 --interval-ms 250 --max-time-s 300
+fi
