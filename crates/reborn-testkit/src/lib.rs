@@ -362,7 +362,8 @@ pub struct LoadReport {
 
 /// Continuous HTTP/1.1 load from client threads that never retry: some keep their
 /// connection alive (reconnecting only after a `Connection: close` response), some open
-/// a new connection per request. Every request is counted.
+/// a new connection per request. Every request is counted. Bounded: the clients stop by
+/// themselves after [`Load::LIMIT`] if nobody stops them.
 pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -370,6 +371,9 @@ pub struct Load {
 }
 
 impl Load {
+    /// The longest a load runs.
+    pub const LIMIT: Duration = Duration::from_secs(300);
+
     /// Starts `keep_alive` + `new_conn` clients against `addr`, requesting `path`.
     pub fn start(addr: SocketAddr, path: &str, keep_alive: usize, new_conn: usize) -> Load {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -380,7 +384,9 @@ impl Load {
             let reuse = i < keep_alive;
             threads.push(std::thread::spawn(move || {
                 let mut conn: Option<Http1> = None;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let deadline = Instant::now() + Load::LIMIT;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
+                {
                     let result = match conn.take() {
                         Some(mut c) => c.get(&path).map(|r| (r, Some(c))),
                         None => Http1::connect(addr)
@@ -433,6 +439,27 @@ impl Load {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Waits until `n` more requests have been answered.
+    pub fn wait_progress(&self, n: u64) {
+        let start = self.snapshot().ok;
+        wait_for("the load to make progress", PATIENCE, || {
+            (self.snapshot().ok >= start + n).then_some(())
+        });
+    }
+
+    /// Stops the clients and panics, listing the first failures, if any request failed.
+    pub fn finish_without_failures(self) -> LoadReport {
+        let report = self.finish();
+        assert!(
+            report.failed == 0,
+            "{} of {} requests failed: {:?}",
+            report.failed,
+            report.ok + report.failed,
+            report.errors
+        );
+        report
     }
 
     /// Stops the clients (each finishes its current request) and returns the count.

@@ -8,10 +8,7 @@ use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reborn_testkit::{PATIENCE, Proc, wait_for};
 
@@ -143,96 +140,6 @@ impl Master {
             String::from_utf8_lossy(&out.stderr)
         );
         (out.status.success(), text)
-    }
-}
-
-/// Closed-loop HTTP clients that count every request and never retry.
-pub struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Load {
-    /// Starts `keepalive` clients that reuse their connection (reconnecting only when the
-    /// server says `Connection: close`) and `fresh` clients that open a connection per
-    /// request. They stop by themselves after `limit`.
-    pub fn start(addr: SocketAddr, keepalive: usize, fresh: usize, limit: Duration) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let deadline = Instant::now() + limit;
-        let threads = (0..keepalive + fresh)
-            .map(|i| {
-                let reuse = i < keepalive;
-                let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
-                std::thread::spawn(move || {
-                    let mut conn: Option<reborn_testkit::Http1> = None;
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let c = match conn.as_mut() {
-                            Some(c) => c,
-                            None => match reborn_testkit::Http1::connect(addr) {
-                                Ok(c) => conn.insert(c),
-                                Err(e) => {
-                                    failures.lock().unwrap().push(format!("connect: {e}"));
-                                    std::thread::sleep(Duration::from_millis(10));
-                                    continue;
-                                }
-                            },
-                        };
-                        match c.get("/ping") {
-                            Ok(r) if r.status == 200 => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                                if !reuse || r.header("connection") == Some("close") {
-                                    conn = None;
-                                }
-                            }
-                            Ok(r) => {
-                                failures
-                                    .lock()
-                                    .unwrap()
-                                    .push(format!("status {}", r.status));
-                                conn = None;
-                            }
-                            Err(e) => {
-                                failures.lock().unwrap().push(format!("request: {e}"));
-                                conn = None;
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failures,
-            threads,
-        }
-    }
-
-    /// Requests answered so far.
-    pub fn ok(&self) -> u64 {
-        self.ok.load(Ordering::Relaxed)
-    }
-
-    /// Waits until `n` more requests have been answered.
-    pub fn wait_progress(&self, n: u64) {
-        let start = self.ok();
-        wait_for("the load to make progress", PATIENCE, || {
-            (self.ok() >= start + n).then_some(())
-        });
-    }
-
-    /// Stops the clients: (answered, failures).
-    pub fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            let _ = t.join();
-        }
-        let failures = self.failures.lock().unwrap().clone();
-        (self.ok.load(Ordering::Relaxed), failures)
     }
 }
 
