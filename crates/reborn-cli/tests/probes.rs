@@ -9,14 +9,6 @@ use std::ffi::OsStr;
 use common::{Master, require_tool, tempdir};
 use reborn_testkit::{PATIENCE, wait_for};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start(dir: &std::path::Path, ready: &str, port: u16, extra: &[&str]) -> Master {
     let python = require_tool("python3", "apt-get install -y python3");
     let port = port.to_string();
@@ -41,7 +33,7 @@ fn start(dir: &std::path::Path, ready: &str, port: u16, extra: &[&str]) -> Maste
 #[test]
 fn tcp_probe() {
     let dir = tempdir();
-    let port = free_port();
+    let port = reborn_testkit::free_port();
     let master = start(dir.path(), &format!("tcp:127.0.0.1:{port}"), port, &[]);
     master.wait_serving();
     master.proc.wait_line("the probe's verdict", |l| {
@@ -53,7 +45,7 @@ fn tcp_probe() {
 fn http_probe_needs_2xx() {
     let dir = tempdir();
     std::fs::write(dir.path().join("health"), "ok").unwrap();
-    let port = free_port();
+    let port = reborn_testkit::free_port();
     let master = start(
         dir.path(),
         &format!("http:http://127.0.0.1:{port}/health"),
@@ -65,7 +57,7 @@ fn http_probe_needs_2xx() {
     // A path that answers 404: never ready; at the deadline the worker is stopped and
     // tried again.
     let dir = tempdir();
-    let port = free_port();
+    let port = reborn_testkit::free_port();
     let master = start(
         dir.path(),
         &format!("http:http://127.0.0.1:{port}/missing"),

@@ -7,15 +7,6 @@ use std::process::Command;
 use common::{body_pid, testserver};
 use reborn_testkit::{PATIENCE, Proc, alive, signal, wait_for};
 
-/// A free port for tools that insist on binding themselves: bound, read, released.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn run_to_end(mut cmd: Command) -> (Option<i32>, String) {
     let out = cmd.output().expect("runs");
     let text = format!(
@@ -39,7 +30,7 @@ fn serves_and_upgrades_under_systemd_socket_activate() {
     };
     let dir = tempfile::tempdir().unwrap();
     let bin = reborn_testkit::copy_to(&testserver(), dir.path(), "server");
-    let port = free_port();
+    let port = reborn_testkit::free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut cmd = Command::new("systemd-socket-activate");
     cmd.arg("-l")
@@ -84,7 +75,7 @@ fn serves_and_upgrades_under_systemd_socket_activate() {
 /// differs, as with `FileDescriptorName=` in a socket unit.
 #[test]
 fn finds_inherited_sockets_by_name() {
-    let port = free_port();
+    let port = reborn_testkit::free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut cmd = Command::new("systemd-socket-activate");
     cmd.arg("-l")
