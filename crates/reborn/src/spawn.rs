@@ -433,6 +433,54 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
+    #[tokio::test]
+    async fn vfork_spawn_hands_sockets_and_pid_and_reports_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let script = format!(
+            "echo $$ $LISTEN_PID $LISTEN_FDS $LISTEN_FDNAMES $(pwd) > {}; \
+             ls -l /proc/self/fd/3 | grep -c socket >> {}; exit 7",
+            out.display(),
+            out.display()
+        );
+        let mut child = SpawnSpec::new("/bin/sh")
+            .args(["-c", &script])
+            .envs([("PATH", "/usr/bin:/bin")])
+            .current_dir(dir.path())
+            .socket(std::os::fd::AsFd::as_fd(&a), Some("web".into()))
+            .spawn()
+            .unwrap();
+        let status = child.wait().await.unwrap();
+        assert_eq!(status.code(), Some(7));
+        let text = std::fs::read_to_string(&out).unwrap();
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(
+            fields[0], fields[1],
+            "LISTEN_PID is the child's own pid: {text}"
+        );
+        assert_eq!(fields[0], child.id().to_string());
+        assert_eq!(&fields[2..4], ["1", "web"]);
+        assert_eq!(
+            std::path::Path::new(fields[4]),
+            dir.path().canonicalize().unwrap()
+        );
+        assert_eq!(fields[5], "1", "{text}");
+    }
+
+    #[tokio::test]
+    async fn vfork_spawn_reports_exec_failure() {
+        let err = SpawnSpec::new("/nonexistent/reborn-test")
+            .spawn()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let dir = tempfile::tempdir().unwrap();
+        let not_exec = dir.path().join("x");
+        std::fs::write(&not_exec, "#!/bin/sh\n").unwrap();
+        let err = SpawnSpec::new(&not_exec).spawn().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+    }
+
     #[test]
     fn missing_program_is_reported() {
         let err = SpawnSpec::new("/nonexistent/reborn-test")
@@ -442,4 +490,194 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
+}
+
+/// A process started by [`SpawnSpec::spawn`]: its PID and a pidfd to wait for it with.
+#[derive(Debug)]
+pub struct SpawnedChild {
+    pid: libc::pid_t,
+    pidfd: tokio::io::unix::AsyncFd<OwnedFd>,
+    status: Option<std::process::ExitStatus>,
+}
+
+impl SpawnedChild {
+    /// Its PID.
+    pub fn id(&self) -> u32 {
+        self.pid as u32
+    }
+
+    /// Sends it `signal`, unless it has already been waited for.
+    pub fn signal(&self, signal: libc::c_int) {
+        if self.status.is_none() {
+            // SAFETY: pidfd_send_signal on our own pidfd; no memory is passed.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    self.pidfd.get_ref().as_raw_fd(),
+                    signal,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            }
+        }
+    }
+
+    /// Its exit status if it has exited (and reaps it), without waiting.
+    pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
+        use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(status) = self.status {
+            return Ok(Some(status));
+        }
+        let fd = std::os::fd::AsFd::as_fd(self.pidfd.get_ref());
+        let status = match waitid(Id::PIDFd(fd), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG)
+            .map_err(io::Error::from)?
+        {
+            WaitStatus::Exited(_, code) => std::process::ExitStatus::from_raw((code & 0xff) << 8),
+            WaitStatus::Signaled(_, sig, _) => std::process::ExitStatus::from_raw(sig as i32),
+            _ => return Ok(None),
+        };
+        self.status = Some(status);
+        Ok(Some(status))
+    }
+
+    /// Waits for it to exit, and reaps it.
+    pub async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(status);
+            }
+            let mut ready = self.pidfd.readable().await?;
+            ready.clear_ready();
+        }
+    }
+}
+
+/// The state a vfork-style child shares with its parent.
+struct VforkShared<'a> {
+    plan: &'a mut ExecPlan,
+    cwd: Option<&'a std::ffi::CStr>,
+    errno: libc::c_int,
+}
+
+impl SpawnSpec<'_> {
+    /// Starts the process the fast way, and returns a handle to wait for it from tokio.
+    ///
+    /// `fork` copies the page tables of a large, multi-threaded server, and std falls
+    /// back to it whenever a `pre_exec` step is needed; here the child runs on a small
+    /// stack of its own in the parent's memory (`clone(CLONE_VM | CLONE_VFORK)`, as
+    /// `posix_spawn` does) until it execs, doing only the async-signal-safe steps of
+    /// [`command`](Self::command), with every signal blocked around the clone and every
+    /// handler reset in the child. A failed `execve` is returned as this call's error.
+    /// Stdio is inherited. Needs a tokio runtime (the pidfd is registered with it).
+    pub fn spawn(&self) -> io::Result<SpawnedChild> {
+        let mut plan = ExecPlan::new(self)?;
+        let cwd = match &self.cwd {
+            Some(dir) => Some(cstring(
+                dir.as_os_str().as_bytes(),
+                "the working directory",
+            )?),
+            None => None,
+        };
+        let mut shared = VforkShared {
+            plan: &mut plan,
+            cwd: cwd.as_deref(),
+            errno: 0,
+        };
+        let mut stack = vec![0u8; 256 * 1024];
+        // SAFETY: the stack grows down from its end; 16-byte alignment as the ABI wants.
+        let top = unsafe { stack.as_mut_ptr().add(stack.len()) } as usize & !15;
+        // SAFETY: sigset operations on local storage; pthread_sigmask on this thread.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        }
+        // SAFETY: the child runs `vfork_child` on `stack` in this process's memory while
+        // this thread is suspended (CLONE_VFORK) until it execs or exits; it touches only
+        // `shared` (which outlives the call) and makes async-signal-safe system calls.
+        // All signals are blocked, so no handler of this process runs in the child.
+        let pid = unsafe {
+            libc::clone(
+                vfork_child,
+                top as *mut libc::c_void,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                (&mut shared as *mut VforkShared<'_>).cast(),
+            )
+        };
+        let clone_error = io::Error::last_os_error();
+        // SAFETY: restores this thread's signal mask saved above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        drop(stack);
+        if pid < 0 {
+            return Err(clone_error);
+        }
+        if shared.errno != 0 {
+            // The child exited with 127 after its execve failed: reap it.
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            return Err(io::Error::from_raw_os_error(shared.errno));
+        }
+        // SAFETY: pidfd_open on the PID of our own unreaped child.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        set_cloexec(&pidfd);
+        // SAFETY: the AsyncFd owns `pidfd`, which stays open and the same until it is
+        // dropped with it.
+        let pidfd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+        }?;
+        Ok(SpawnedChild {
+            pid,
+            pidfd,
+            status: None,
+        })
+    }
+}
+
+fn set_cloexec(fd: &OwnedFd) {
+    // SAFETY: F_SETFD on an fd we own.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+}
+
+/// The child's side of [`SpawnSpec::spawn`]: on its own stack, in the parent's memory.
+extern "C" fn vfork_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `VforkShared` the parent passed, alive while it is suspended.
+    let shared = unsafe { &mut *arg.cast::<VforkShared<'_>>() };
+    // SAFETY: only async-signal-safe system calls follow, on memory prepared before the
+    // clone. Handlers are reset before signals are unblocked, so none of the parent's
+    // handlers can run here; SIGPIPE goes back to its default as std does for children.
+    unsafe {
+        for sig in 1..libc::SIGRTMAX() {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut current) == 0
+                && current.sa_sigaction != libc::SIG_DFL
+                && (current.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
+            {
+                let mut default: libc::sigaction = std::mem::zeroed();
+                default.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &default, std::ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        if let Some(dir) = shared.cwd {
+            if libc::chdir(dir.as_ptr()) != 0 {
+                shared.errno = *libc::__errno_location();
+                libc::_exit(127);
+            }
+        }
+    }
+    let err = match shared.plan.exec_in_child() {
+        Err(e) => e.raw_os_error().unwrap_or(libc::EINVAL),
+        Ok(()) => libc::EINVAL,
+    };
+    shared.errno = err;
+    // SAFETY: _exit is async-signal-safe and runs no destructors.
+    unsafe { libc::_exit(127) }
 }

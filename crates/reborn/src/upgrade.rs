@@ -217,7 +217,7 @@ async fn spawn_and_wait(
             other => break other.map_err(spawn_err)?,
         }
     };
-    let pid = child.id().unwrap_or(0);
+    let pid = child.id();
     tracing::info!(pid, "new process started; waiting for it to be ready");
     let timeout = inner.config.ready_timeout;
     let shutdown = inner.drain.shutdown();
@@ -282,7 +282,7 @@ fn spawn_child(
     path: &std::path::Path,
     manager: Option<&std::ffi::OsStr>,
     receiver: &NotifyReceiver,
-) -> std::io::Result<tokio::process::Child> {
+) -> std::io::Result<crate::spawn::SpawnedChild> {
     let listeners = inner.listeners();
     let p = &inner.process;
     let mut spec = SpawnSpec::new(path)
@@ -297,21 +297,18 @@ fn spawn_child(
     for (fd, name) in listeners.handed() {
         spec = spec.socket(fd, name);
     }
-    tokio::process::Command::from(spec.command()?).spawn()
+    spec.spawn()
 }
 
 /// Stops a rolled-back process: `SIGTERM` (it drains what it may have accepted), then
 /// `SIGKILL` after `grace`; reaped in the background.
-fn stop(mut child: tokio::process::Child, grace: Duration) {
-    let Some(pid) = child.id() else {
-        return;
-    };
-    let pid = nix::unistd::Pid::from_raw(pid as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+fn stop(mut child: crate::spawn::SpawnedChild, grace: Duration) {
+    child.signal(libc::SIGTERM);
     tokio::spawn(async move {
         if tokio::time::timeout(grace, child.wait()).await.is_err() {
             tracing::warn!("the rolled-back process ignored SIGTERM for {grace:?}: killing it");
-            let _ = child.kill().await;
+            child.signal(libc::SIGKILL);
+            let _ = child.wait().await;
         }
     });
 }
