@@ -621,7 +621,17 @@ impl SpawnSpec<'_> {
         // SAFETY: pidfd_open on the PID of our own unreaped child.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if fd < 0 {
-            return Err(io::Error::last_os_error());
+            // Without a pidfd the child cannot be watched: it must not run unwatched.
+            let err = io::Error::last_os_error();
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            return Err(io::Error::new(
+                err.kind(),
+                format!(
+                    "cannot watch the new process (pidfd_open needs Linux 5.3 or later): {err}"
+                ),
+            ));
         }
         // SAFETY: a new fd that nothing else owns.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
@@ -652,7 +662,7 @@ extern "C" fn vfork_child(arg: *mut libc::c_void) -> libc::c_int {
     // clone. Handlers are reset before signals are unblocked, so none of the parent's
     // handlers can run here; SIGPIPE goes back to its default as std does for children.
     unsafe {
-        for sig in 1..libc::SIGRTMAX() {
+        for sig in 1..=libc::SIGRTMAX() {
             let mut current: libc::sigaction = std::mem::zeroed();
             if libc::sigaction(sig, std::ptr::null(), &mut current) == 0
                 && current.sa_sigaction != libc::SIG_DFL
