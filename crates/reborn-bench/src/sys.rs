@@ -2,19 +2,7 @@
 
 use std::io;
 
-/// Whether a process exists and is not a zombie (a process that is not our child stays a
-/// zombie until its own parent reaps it; for us it is gone).
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next());
-            !matches!(state, Some("Z") | Some("X") | None)
-        }
-        Err(_) => false,
-    }
-}
+pub use reborn_testkit::alive;
 
 /// Sends `sig` to `pid`.
 pub fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {

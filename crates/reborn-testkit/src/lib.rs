@@ -84,18 +84,22 @@ pub fn free_port() -> u16 {
         .expect("an ephemeral port on 127.0.0.1")
 }
 
-/// Whether a process exists and is not a zombie.
+/// A process's state letter from `/proc/<pid>/stat` (`R`, `S`, `T`, `Z`, …), if it exists.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the command name in parentheses.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// Whether a process exists and is not a zombie (a process that is not our child stays a
+/// zombie until its own parent reaps it; for us it is gone).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            // The state follows the command name in parentheses.
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next());
-            !matches!(state, Some("Z") | Some("X") | None)
-        }
-        Err(_) => false,
-    }
+    !matches!(process_state(pid), Some('Z') | Some('X') | None)
 }
 
 /// Sends `signal` to `pid`.
