@@ -70,7 +70,8 @@
 //!
 //! * **on its own**: the previous generation starts it, passes the sockets as
 //!   `LISTEN_FDS`/`LISTEN_FDNAMES` from fd 3 with `LISTEN_PID` set to the new process's
-//!   PID, and waits for `READY=1` on a private `NOTIFY_SOCKET`;
+//!   PID, and waits for `READY=1` on a private `NOTIFY_SOCKET` (an abstract socket that
+//!   accepts only this user's processes);
 //! * **under systemd** (`Type=notify`, `NotifyAccess=all`, optionally socket-activated):
 //!   the sockets come from systemd; on each upgrade systemd hears `RELOADING=1`, then
 //!   `MAINPID=<new pid>` and `READY=1` from the new process;

@@ -8,6 +8,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -104,19 +105,27 @@ pub fn send(addr: &OsStr, message: &str) -> io::Result<()> {
 
 /// A private notify socket on which one child process reports readiness.
 ///
-/// It lives in a fresh directory only this user can enter (mode 0700), so only processes
-/// of this user can write to it; its path is given to one child only (and to whatever
-/// that child hands its environment on to, such as `systemd-notify`). The directory goes
-/// away when this is dropped.
+/// Two kinds, both accepting datagrams only from processes of this user (or root): the
+/// kernel attaches the sender's credentials to each datagram (`SO_PASSCRED`) and any
+/// other sender is ignored, with a warning.
+///
+/// - [`NotifyReceiver::new`]: a socket file in a fresh directory only this user can enter
+///   (mode 0700). Every notify client understands a path. The directory goes away when
+///   this is dropped.
+/// - [`NotifyReceiver::new_abstract`]: a name in Linux's abstract socket namespace
+///   (`NOTIFY_SOCKET=@reborn/…`, understood by libsystemd, `systemd-notify` and reborn).
+///   Nothing is created on disk, so it costs no file-system work on the upgrade's
+///   critical path and leaves nothing behind if the process is killed.
 #[derive(Debug)]
 pub struct NotifyReceiver {
     socket: tokio::net::UnixDatagram,
-    path: PathBuf,
-    _dir: tempfile::TempDir,
+    address: OsString,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl NotifyReceiver {
-    /// Creates the socket in `$XDG_RUNTIME_DIR` if set, else in the temporary directory.
+    /// Creates the socket in a private directory in `$XDG_RUNTIME_DIR` if set, else in
+    /// the temporary directory.
     pub fn new() -> io::Result<NotifyReceiver> {
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
@@ -127,24 +136,68 @@ impl NotifyReceiver {
             .tempdir_in(&base)
             .or_else(|_| tempfile::Builder::new().prefix("reborn-").tempdir())?;
         let path = dir.path().join("notify");
-        let socket = tokio::net::UnixDatagram::bind(&path)?;
+        let socket = UnixDatagram::bind(&path)?;
+        NotifyReceiver::from_bound(socket, path.into_os_string(), Some(dir))
+    }
+
+    /// Creates the socket in the abstract namespace, under a name no other socket has
+    /// (`reborn/<pid>/<random>`).
+    pub fn new_abstract() -> io::Result<NotifyReceiver> {
+        use std::os::linux::net::SocketAddrExt;
+        let mut attempts = 0;
+        loop {
+            let name = format!("reborn/{}/{:016x}", std::process::id(), random_u64()?);
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+            match UnixDatagram::bind_addr(&addr) {
+                Ok(socket) => {
+                    return NotifyReceiver::from_bound(socket, format!("@{name}").into(), None);
+                }
+                // Taken by chance (or on purpose, by someone guessing): draw again.
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts < 8 => attempts += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn from_bound(
+        socket: UnixDatagram,
+        address: OsString,
+        dir: Option<tempfile::TempDir>,
+    ) -> io::Result<NotifyReceiver> {
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::PassCred, &true)?;
+        socket.set_nonblocking(true)?;
         Ok(NotifyReceiver {
-            socket,
-            path,
+            socket: tokio::net::UnixDatagram::from_std(socket)?,
+            address,
             _dir: dir,
         })
     }
 
     /// The value for the child's `NOTIFY_SOCKET`.
     pub fn address(&self) -> OsString {
-        self.path.clone().into_os_string()
+        self.address.clone()
     }
 
-    /// Waits for the next datagram and parses it.
+    /// Waits for the next datagram from a process of this user (or root) and parses it.
     pub async fn recv(&self) -> io::Result<NotifyMessage> {
         let mut buf = vec![0u8; 4096];
-        let n = self.socket.recv(&mut buf).await?;
-        Ok(NotifyMessage::parse(&buf[..n]))
+        loop {
+            let (n, sender) = self
+                .socket
+                .async_io(tokio::io::Interest::READABLE, || {
+                    recv_with_sender(self.socket.as_raw_fd(), &mut buf)
+                })
+                .await?;
+            match sender {
+                Some(s) if sender_allowed(s.uid) => return Ok(NotifyMessage::parse(&buf[..n])),
+                Some(s) => tracing::warn!(
+                    pid = s.pid,
+                    uid = s.uid,
+                    "ignored a notify message from a process of another user"
+                ),
+                None => tracing::warn!("ignored a notify message without its sender's credentials"),
+            }
+        }
     }
 
     /// Waits until a datagram carries `READY=1`, returning the last status seen with it.
@@ -159,6 +212,65 @@ impl NotifyReceiver {
             }
         }
     }
+}
+
+/// Who sent a datagram, as the kernel says.
+#[derive(Debug, Clone, Copy)]
+struct Sender {
+    pid: i32,
+    uid: u32,
+}
+
+/// Only this user (real or effective) and root may report.
+fn sender_allowed(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::getuid().as_raw() || uid == nix::unistd::geteuid().as_raw()
+}
+
+/// One non-blocking `recvmsg`, with the sender's credentials.
+fn recv_with_sender(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<Sender>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    // Room for the credentials; anything else (file descriptors) does not fit and is
+    // discarded (closed) by the kernel.
+    let mut space = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+    let msg = recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let n = msg.bytes;
+    let mut sender = None;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmCredentials(c) = cmsg {
+            sender = Some(Sender {
+                pid: c.pid(),
+                uid: c.uid(),
+            });
+        }
+    }
+    Ok((n, sender))
+}
+
+/// Eight random bytes from the kernel.
+fn random_u64() -> io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        // SAFETY: getrandom writes at most the given length into the buffer.
+        let n = unsafe {
+            libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(u64::from_ne_bytes(bytes))
 }
 
 #[cfg(test)]
@@ -184,5 +296,22 @@ mod tests {
         send(&rx.address(), "READY=1\n").unwrap();
         let m = rx.wait_ready().await.unwrap();
         assert!(m.ready);
+    }
+
+    #[tokio::test]
+    async fn receive_from_abstract_socket() {
+        let rx = NotifyReceiver::new_abstract().unwrap();
+        let addr = rx.address();
+        assert!(addr.as_bytes().starts_with(b"@reborn/"), "{addr:?}");
+        // Nothing on disk.
+        assert!(!Path::new(&addr).exists());
+        send(&addr, "STATUS=starting\nMAINPID=7\n").unwrap();
+        let m = rx.recv().await.unwrap();
+        assert_eq!(m.main_pid, Some(7));
+        send(&addr, "READY=1\n").unwrap();
+        assert!(rx.wait_ready().await.unwrap().ready);
+        // Each receiver has its own name.
+        let other = NotifyReceiver::new_abstract().unwrap();
+        assert_ne!(other.address(), addr);
     }
 }

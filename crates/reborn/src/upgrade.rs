@@ -186,7 +186,7 @@ async fn spawn_and_wait(
     manager: Option<&std::ffi::OsStr>,
     started: Instant,
 ) -> Result<Upgraded, UpgradeError> {
-    let receiver = NotifyReceiver::new().map_err(UpgradeError::Notify)?;
+    let receiver = NotifyReceiver::new_abstract().map_err(UpgradeError::Notify)?;
     let spawn_err = |source: std::io::Error| match source.kind() {
         std::io::ErrorKind::NotFound => UpgradeError::BinaryMissing {
             path: path.to_path_buf(),

@@ -100,3 +100,45 @@ fn a_failed_upgrade_tells_the_manager_it_is_ready_again_and_why() {
         "the main process is still the old one: {back}"
     );
 }
+
+/// The private readiness socket of an upgrade lives in the abstract namespace, which any
+/// local process can reach: a datagram from another user must be ignored, one from this
+/// user read.
+#[tokio::test]
+async fn readiness_from_another_user_is_ignored() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: sending as another user needs root");
+        return;
+    }
+    let rx = reborn::notify::NotifyReceiver::new_abstract().unwrap();
+    let addr = rx.address();
+    let name = addr
+        .as_bytes()
+        .strip_prefix(b"@")
+        .expect("an abstract address");
+    let name = std::str::from_utf8(name).unwrap();
+    // `nobody` sends READY=1 and exits: its datagram is queued before ours.
+    let status = Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys\n\
+             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+             s.sendto(b'READY=1\\nSTATUS=forged\\n', '\\0' + sys.argv[1])",
+            name,
+        ])
+        .uid(65534)
+        .gid(65534)
+        .status()
+        .expect("python3 runs");
+    assert!(status.success(), "the foreign sender failed: {status}");
+    reborn::notify::send(&addr, "STATUS=ours\n").unwrap();
+    let first = tokio::time::timeout(PATIENCE, rx.recv())
+        .await
+        .expect("our message is read")
+        .unwrap();
+    assert!(!first.ready, "the forged READY=1 was accepted: {first:?}");
+    assert_eq!(first.status.as_deref(), Some("ours"));
+}
