@@ -140,7 +140,7 @@ impl<'fd> SpawnSpec<'fd> {
     /// Builds the [`Command`], ready to be spawned (by std or by tokio, which converts
     /// from it). Stdio is inherited unless the caller changes it.
     pub fn command(&self) -> io::Result<Command> {
-        let plan = ExecPlan::new(self)?;
+        let plan = ExecPlan::new(self, true)?;
         let mut cmd = Command::new(&self.program);
         if let Some(dir) = &self.cwd {
             cmd.current_dir(dir);
@@ -196,7 +196,9 @@ fn cstring(bytes: &[u8], what: &str) -> io::Result<CString> {
 }
 
 impl ExecPlan {
-    fn new(spec: &SpawnSpec<'_>) -> io::Result<ExecPlan> {
+    /// `for_std_command`: the plan runs in a `std::process::Command`'s `pre_exec`, whose
+    /// exec-error pipe needs the placeholders (see `_placeholders`).
+    fn new(spec: &SpawnSpec<'_>, for_std_command: bool) -> io::Result<ExecPlan> {
         let program = cstring(spec.program.as_os_str().as_bytes(), "the program path")?;
         let mut argv_owned = vec![cstring(spec.arg0.as_bytes(), "argv[0]")?];
         for a in &spec.args {
@@ -237,8 +239,11 @@ impl ExecPlan {
         }
         envp.push(std::ptr::null());
         let sources: Vec<RawFd> = spec.sockets.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
-        let placeholders =
-            occupy_free_fds(LISTEN_FDS_START..LISTEN_FDS_START + sources.len() as RawFd)?;
+        let placeholders = if for_std_command {
+            occupy_free_fds(LISTEN_FDS_START..LISTEN_FDS_START + sources.len() as RawFd)?
+        } else {
+            Vec::new()
+        };
         Ok(ExecPlan {
             program,
             _argv_owned: argv_owned,
@@ -578,7 +583,8 @@ impl SpawnSpec<'_> {
     /// handler reset in the child. A failed `execve` is returned as this call's error.
     /// Stdio is inherited. Needs a tokio runtime (the pidfd is registered with it).
     pub fn spawn(&self) -> io::Result<SpawnedChild> {
-        let mut plan = ExecPlan::new(self)?;
+        // No pipe here: an exec error comes back through shared memory.
+        let mut plan = ExecPlan::new(self, false)?;
         let cwd = match &self.cwd {
             Some(dir) => Some(cstring(
                 dir.as_os_str().as_bytes(),
