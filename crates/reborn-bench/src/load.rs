@@ -234,26 +234,32 @@ pub struct LoadConfig {
 pub struct Load {
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<LoadResult>>,
+    pacer: Option<Pacer>,
 }
 
 impl Load {
-    /// Starts `cfg.concurrency` clients.
+    /// Starts `cfg.concurrency` clients (paced by one [`Pacer`] when `cfg.rate > 0`).
     pub fn start(cfg: LoadConfig, gens: Arc<Generations>, epoch: Instant) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let pacer = (cfg.rate > 0.0).then(|| Pacer::start(cfg.rate, cfg.concurrency.max(1)));
         let tasks = (0..cfg.concurrency)
-            .map(|i| {
+            .map(|_| {
                 let cfg = cfg.clone();
                 let gens = gens.clone();
                 let stop = stop.clone();
-                tokio::spawn(async move { client(cfg, gens, stop, epoch, i).await })
+                let turns = pacer.as_ref().map(|p| p.turns.clone());
+                tokio::spawn(async move { client(cfg, gens, stop, epoch, turns).await })
             })
             .collect();
-        Load { stop, tasks }
+        Load { stop, tasks, pacer }
     }
 
     /// Stops the clients (each finishes its request in flight) and merges their results.
     pub async fn finish(self) -> LoadResult {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(pacer) = self.pacer {
+            pacer.stop();
+        }
         let mut total = LoadResult::default();
         for t in self.tasks {
             match t.await {
@@ -262,6 +268,79 @@ impl Load {
             }
         }
         total
+    }
+}
+
+/// Hands the paced clients their turns, evenly spaced at the requested total rate.
+///
+/// Tokio's timer counts in whole milliseconds: clients that each slept until their own
+/// staggered start would all wake on the same millisecond tick and send in bursts, and
+/// a server that becomes able to answer just after a burst would wait up to a
+/// millisecond for the next one. A thread of its own, sleeping on the kernel's
+/// high-resolution timer (timer slack 1 µs), releases one turn every `1 / rate` seconds
+/// instead, taken by whichever client is free. Turns that no client was free to take are
+/// kept up to one per client (the same "do not burst to catch up" bound as a client
+/// that fell behind), the rest dropped.
+struct Pacer {
+    turns: Arc<tokio::sync::Semaphore>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pacer {
+    fn start(rate: f64, clients: usize) -> Pacer {
+        let turns = Arc::new(tokio::sync::Semaphore::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let period = Duration::from_secs_f64(1.0 / rate);
+        let thread = {
+            let turns = turns.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("pacer".into())
+                .spawn(move || {
+                    // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack.
+                    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
+                    let mut next = Instant::now();
+                    while !stop.load(Ordering::Relaxed) {
+                        next += period;
+                        let now = Instant::now();
+                        if next > now {
+                            std::thread::sleep(next - now);
+                        }
+                        // One turn, and those missed if this thread woke late.
+                        let now = Instant::now();
+                        let mut due = 1;
+                        while next + period <= now && due < clients {
+                            next += period;
+                            due += 1;
+                        }
+                        if next + period <= now {
+                            next = now;
+                        }
+                        let room = clients.saturating_sub(turns.available_permits());
+                        turns.add_permits(due.min(room));
+                    }
+                })
+                .ok()
+        };
+        if thread.is_none() {
+            eprintln!("reborn-bench: cannot start the pacing thread: the clients run unpaced");
+            turns.close();
+        }
+        Pacer {
+            turns,
+            stop,
+            thread,
+        }
+    }
+
+    /// Ends the turns: clients waiting for one stop.
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.turns.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -501,26 +580,19 @@ async fn client(
     gens: Arc<Generations>,
     stop: Arc<AtomicBool>,
     epoch: Instant,
-    index: usize,
+    turns: Option<Arc<tokio::sync::Semaphore>>,
 ) -> LoadResult {
     let mut out = LoadResult::default();
     let mut conn: Option<Conn> = None;
     let mut last_pid = 0u32;
-    // Paced clients: each sends at rate / concurrency, staggered.
-    let period =
-        (cfg.rate > 0.0).then(|| Duration::from_secs_f64(cfg.concurrency as f64 / cfg.rate));
-    let mut next =
-        period.map(|p| Instant::now() + p.mul_f64(index as f64 / cfg.concurrency.max(1) as f64));
     while !stop.load(Ordering::Relaxed) {
-        if let (Some(p), Some(at)) = (period, next.as_mut()) {
-            let now = Instant::now();
-            if *at > now {
-                tokio::time::sleep_until(tokio::time::Instant::from_std(*at)).await;
-            } else if now - *at > p {
-                // Fell behind (a slow answer): do not burst to catch up.
-                *at = now;
+        if let Some(turns) = &turns {
+            match turns.acquire().await {
+                Ok(turn) => turn.forget(),
+                // Closed: the load is stopping (or could not be paced: run unpaced).
+                Err(_) if stop.load(Ordering::Relaxed) => break,
+                Err(_) => {}
             }
-            *at += p;
         }
         let start = Instant::now();
         let deadline = tokio::time::Instant::from_std(start + cfg.timeout);
