@@ -168,6 +168,10 @@ struct Worker {
     _notify: Arc<NotifyReceiver>,
     watcher: AbortHandle,
     probe: Option<AbortHandle>,
+    /// Its pending timers (ready timeout, drain deadline): cancelled once they cannot
+    /// matter, so that frequent upgrades do not pile up sleeping tasks.
+    ready_timer: Option<AbortHandle>,
+    drain_timer: Option<AbortHandle>,
 }
 
 impl Worker {
@@ -182,8 +186,11 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.watcher.abort();
-        if let Some(p) = &self.probe {
-            p.abort();
+        for task in [&self.probe, &self.ready_timer, &self.drain_timer]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
     }
 }
@@ -221,6 +228,8 @@ pub struct Supervisor {
     crashes: u64,
     crashes_in_a_row: u32,
     restart_token: u64,
+    /// The pending back-off restart's timer.
+    restart_timer: Option<AbortHandle>,
     stopping: bool,
     ever_ready: bool,
 }
@@ -260,6 +269,7 @@ impl Supervisor {
             crashes: 0,
             crashes_in_a_row: 0,
             restart_token: 0,
+            restart_timer: None,
             stopping: false,
             ever_ready: false,
         }
@@ -377,6 +387,7 @@ impl Supervisor {
         self.spawning += 1;
         let watcher =
             crate::readiness::watch_notify(generation, notify.clone(), self.events.clone());
+        let ready_timer = self.after(self.cfg.ready_timeout, Event::ReadyTimeout { generation });
         self.workers.insert(
             generation,
             Worker {
@@ -392,9 +403,10 @@ impl Supervisor {
                 _notify: notify,
                 watcher,
                 probe: None,
+                ready_timer: Some(ready_timer),
+                drain_timer: None,
             },
         );
-        self.after(self.cfg.ready_timeout, Event::ReadyTimeout { generation });
         Ok(generation)
     }
 
@@ -477,8 +489,8 @@ impl Supervisor {
             self.stop_worker(generation);
             return;
         }
-        if let Some(p) = w.probe.take() {
-            p.abort();
+        for task in [w.probe.take(), w.ready_timer.take()].into_iter().flatten() {
+            task.abort();
         }
         w.role = Role::Serving;
         w.ready_at = Some(Instant::now());
@@ -578,7 +590,10 @@ impl Supervisor {
         if let Err(e) = kill(Pid::from_raw(pid as i32), sig) {
             tracing::warn!(worker = %w.label(), error = %e, "cannot signal the worker");
         }
-        self.after(drain, Event::DrainDeadline { generation });
+        let timer = self.after(drain, Event::DrainDeadline { generation });
+        if let Some(w) = self.workers.get_mut(&generation) {
+            w.drain_timer = Some(timer);
+        }
     }
 
     fn on_drain_deadline(&mut self, generation: u64) {
@@ -736,7 +751,12 @@ impl Supervisor {
         }
         self.restart_token += 1;
         let token = self.restart_token;
-        self.after(delay, Event::Restart { token });
+        if let Some(previous) = self
+            .restart_timer
+            .replace(self.after(delay, Event::Restart { token }))
+        {
+            previous.abort();
+        }
     }
 
     fn on_restart(&mut self, token: u64) {
@@ -855,12 +875,14 @@ impl Supervisor {
 
     // ---- helpers ----------------------------------------------------------------------
 
-    fn after(&self, delay: Duration, event: Event) {
+    /// Sends `event` after `delay`, unless the returned handle aborts it first.
+    fn after(&self, delay: Duration, event: Event) -> AbortHandle {
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let _ = events.send(event);
-        });
+        })
+        .abort_handle()
     }
 
     fn status(&self) -> Status {
