@@ -57,6 +57,11 @@ for path in self master; do
     run "idle-$path" idle --path "$path" --connections 10000 --idle-grace-ms 1000
 done
 
+# The master's memory over 1,000 upgrades in quick succession (light load, no slow
+# requests): its RSS at the start and at the end.
+run "master-memory-1000" restart --path master --mode newconn -c 2 --rate 500 \
+    --restarts 1000 --interval-ms 20 --slow-per-restart 0 --max-time-s 300
+
 # The handoff with a statically linked, non-PIE bench-server (no dynamic loader, no
 # relocations at exec), light load, beside the default build.
 if [[ -z ${ONLY:-} || static =~ $ONLY ]]; then

@@ -83,12 +83,52 @@ def idle_table():
         )
 
 
+def ms2(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
+def handoff_table():
+    print("| run | bench-server | requests | failed | handoff median / p90 / max ms | commit median ms |")
+    print("|---|---|---|---|---|---|")
+    for name, build in [
+        ("light-self-newconn", "default (dynamic, PIE)"),
+        ("light-self-newconn-static", "static, non-PIE"),
+        ("light-master-newconn", "default, under the master"),
+    ]:
+        r = load(name)
+        if not r:
+            continue
+        h, c = r["handoff"], r["commit"]
+        print(
+            f"| {name} | {build} | {r['requests']['total']:,} | **{r['requests']['failed']:,}** "
+            f"| **{ms2(h['median_ms'])}** / {ms2(h['p90_ms'])} / {ms2(h['max_ms'])} | {ms2(c['median_ms'])} |"
+        )
+
+
+def master_memory_table():
+    r = load("master-memory-1000")
+    if not r:
+        return
+    print("| run | upgrades | failed | master VmRSS KiB: start / end | RssAnon KiB: start / end | RssFile KiB: start / end |")
+    print("|---|---|---|---|---|---|")
+    a = [p for p in r["processes_at_start"] if p["role"] == "master"][0]
+    b = [p for p in r["processes_at_end"] if p["role"] == "master"][0]
+    print(
+        f"| master-memory-1000 | {r['handoff']['count']} | **{r['requests']['failed']:,}** | {a['rss_kib']:,} / **{b['rss_kib']:,}** "
+        f"| {a.get('rss_anon_kib')} / {b.get('rss_anon_kib')} | {a.get('rss_file_kib')} / {b.get('rss_file_kib')} |"
+    )
+
+
 print("### Restarts under closed-loop load\n")
 restart_table("restart")
 print("\n### Restarts under paced load (20,000 req/s)\n")
 restart_table("paced")
 print("\n### Restarts under light load (4 clients, 4,000 req/s, new connection per request)\n")
 restart_table("light")
+print("\n### The handoff at light load\n")
+handoff_table()
+print("\n### The master's memory over 1,000 upgrades\n")
+master_memory_table()
 print("\n### Steady state\n")
 steady_table()
 print("\n### Idle keep-alive connections\n")
