@@ -77,54 +77,76 @@ fn check(report: &serde_json::Value, restarts: u64) {
     );
 }
 
-fn smoke(mode: &str) {
+fn smoke(mode: &str, clients: &str, extra: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
     let restarts = 3;
-    let report = run_bench(
-        &[
-            "--path",
-            "self",
-            "--mode",
-            mode,
-            "-c",
-            "8",
-            "--restarts",
-            &restarts.to_string(),
-            "--interval-ms",
-            "300",
-            "--warmup-ms",
-            "300",
-            "--cooldown-ms",
-            "200",
-            "--slow-per-restart",
-            "1",
-            "--slow-ms",
-            "400",
-            "--step-timeout-ms",
-            "20000",
-            "--timeout-ms",
-            "20000",
-        ],
-        &json,
-    );
+    let restarts_arg = restarts.to_string();
+    let mut args = vec![
+        "--path",
+        "self",
+        "--mode",
+        mode,
+        "-c",
+        clients,
+        "--restarts",
+        &restarts_arg,
+        "--interval-ms",
+        "300",
+        "--warmup-ms",
+        "300",
+        "--cooldown-ms",
+        "200",
+        "--slow-per-restart",
+        "1",
+        "--slow-ms",
+        "400",
+        "--step-timeout-ms",
+        "20000",
+        "--timeout-ms",
+        "20000",
+    ];
+    args.extend_from_slice(extra);
+    let report = run_bench(&args, &json);
     assert_eq!(report["mode"], mode);
     check(&report, restarts);
+    report
 }
 
 #[test]
 fn self_upgrade_keepalive_loses_nothing() {
-    smoke("keepalive");
+    smoke("keepalive", "8", &[]);
 }
 
 #[test]
 fn self_upgrade_new_connections_lose_nothing() {
-    smoke("newconn");
+    smoke("newconn", "8", &[]);
 }
 
 #[test]
 fn self_upgrade_h2_loses_nothing() {
-    smoke("h2");
+    smoke("h2", "8", &[]);
+}
+
+/// `--rate` paces the clients: no more requests than the rate allows over the run
+/// (the pacing thread hands out one turn per 1/rate s, plus at most one banked per
+/// client), and they do get through (unpaced, 4 clients send thousands per second).
+#[test]
+fn paced_clients_keep_to_the_rate() {
+    let rate = 400.0;
+    let report = smoke("newconn", "4", &["--rate", "400"]);
+    let total = report["requests"]["total"].as_u64().unwrap() as f64;
+    let seconds = report["load_seconds"].as_f64().unwrap();
+    // 5 % for the edges of the measured interval.
+    let allowed = rate * seconds * 1.05 + 4.0 + 1.0;
+    assert!(
+        total <= allowed,
+        "{total} requests in {seconds:.2} s at {rate} req/s (at most {allowed:.0})"
+    );
+    assert!(
+        total >= rate * seconds * 0.25,
+        "{total} requests in {seconds:.2} s at {rate} req/s: the clients barely ran"
+    );
 }
 
 #[test]
