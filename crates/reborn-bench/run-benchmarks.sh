@@ -36,13 +36,19 @@ for path in self master; do
     done
 done
 
-# Light load: the handoff itself, with the CPU mostly free (4 clients, 4,000 req/s, a
-# new connection per request so that the first answer from the new generation comes at
-# most ~1 ms after it can). The servers' logs are kept for phases.py.
+# Light load: the handoff itself, with the CPU mostly free (4 clients, 4,000 req/s in
+# all, evenly spaced; with a new connection per request the first answer from the new
+# generation comes at most 0.25 ms after it can; with keep-alive and HTTP/2 a client
+# first gets `Connection: close` or GOAWAY from the old one and reconnects). The servers'
+# logs of the new-connection runs are kept for phases.py.
 for path in self master; do
     rm -rf "$OUT/logs/light-$path"
     run "light-$path-newconn" --work-dir "$OUT/logs/light-$path" restart --path "$path" \
         --mode newconn -c 4 --rate 4000 --restarts 100 --interval-ms 250 --max-time-s 300
+    for mode in keepalive h2; do
+        run "light-$path-$mode" restart --path "$path" --mode "$mode" -c 4 --rate 4000 \
+            --restarts 100 --interval-ms 250 --max-time-s 300
+    done
 done
 
 # Steady state: reborn's serve against plain axum::serve, same handler, same load, in

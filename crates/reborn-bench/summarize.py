@@ -92,8 +92,12 @@ def handoff_table():
     print("|---|---|---|---|---|---|")
     for name, build in [
         ("light-self-newconn", "default (dynamic, PIE)"),
+        ("light-self-keepalive", "default"),
+        ("light-self-h2", "default"),
         ("light-self-newconn-static", "static, non-PIE"),
         ("light-master-newconn", "default, under the master"),
+        ("light-master-keepalive", "default, under the master"),
+        ("light-master-h2", "default, under the master"),
     ]:
         r = load(name)
         if not r:
@@ -123,7 +127,7 @@ print("### Restarts under closed-loop load\n")
 restart_table("restart")
 print("\n### Restarts under paced load (20,000 req/s)\n")
 restart_table("paced")
-print("\n### Restarts under light load (4 clients, 4,000 req/s, new connection per request)\n")
+print("\n### Restarts under light load (4 clients, 4,000 req/s)\n")
 restart_table("light")
 print("\n### The handoff at light load\n")
 handoff_table()

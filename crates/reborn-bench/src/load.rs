@@ -300,22 +300,23 @@ impl Pacer {
                 .spawn(move || {
                     // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack.
                     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
-                    let mut next = Instant::now();
+                    let mut next = Instant::now() + period;
                     while !stop.load(Ordering::Relaxed) {
-                        next += period;
                         let now = Instant::now();
                         if next > now {
-                            std::thread::sleep(next - now);
+                            // Unparked early by `stop`, or spuriously: look again.
+                            std::thread::park_timeout(next - now);
+                            continue;
                         }
-                        // One turn, and those missed if this thread woke late.
-                        let now = Instant::now();
+                        // This turn, and those missed if this thread woke late.
                         let mut due = 1;
-                        while next + period <= now && due < clients {
+                        next += period;
+                        while next <= now && due < clients {
                             next += period;
                             due += 1;
                         }
-                        if next + period <= now {
-                            next = now;
+                        if next <= now {
+                            next = now + period;
                         }
                         let room = clients.saturating_sub(turns.available_permits());
                         turns.add_permits(due.min(room));
@@ -339,6 +340,7 @@ impl Pacer {
         self.stop.store(true, Ordering::Relaxed);
         self.turns.close();
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
