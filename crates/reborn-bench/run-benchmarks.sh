@@ -43,8 +43,9 @@ done
 # logs of the new-connection runs are kept for phases.py.
 for path in self master; do
     rm -rf "$OUT/logs/light-$path"
+    # 300 restarts: the handoff's median over more samples than the machine's moods.
     run "light-$path-newconn" --work-dir "$OUT/logs/light-$path" restart --path "$path" \
-        --mode newconn -c 4 --rate 4000 --restarts 100 --interval-ms 250 --max-time-s 300
+        --mode newconn -c 4 --rate 4000 --restarts 300 --interval-ms 250 --max-time-s 300
     for mode in keepalive h2; do
         run "light-$path-$mode" restart --path "$path" --mode "$mode" -c 4 --rate 4000 \
             --restarts 100 --interval-ms 250 --max-time-s 300
@@ -77,5 +78,5 @@ if [[ -z ${ONLY:-} || static =~ $ONLY ]]; then
     rm -rf "$OUT/logs/light-self-static"
     run "light-self-newconn-static" --work-dir "$OUT/logs/light-self-static" restart \
         --server "$CARGO_TARGET_DIR/static/x86_64-unknown-linux-gnu/release/bench-server" \
-        --path self --mode newconn -c 4 --rate 4000 --restarts 100 --interval-ms 250 --max-time-s 300
+        --path self --mode newconn -c 4 --rate 4000 --restarts 300 --interval-ms 250 --max-time-s 300
 fi

@@ -1,14 +1,27 @@
 #!/usr/bin/env python3
-"""Prints the Markdown tables of BENCHMARKS.md from reborn-bench's JSON reports.
+"""Prints the Markdown tables of BENCHMARKS.md from reborn-bench's JSON reports, or with
+--write FILE replaces each table in FILE between its markers
+(`<!-- table: NAME -->` ... `<!-- /table -->`), so that the published tables are always
+the ones the results give.
 
-Usage: python3 crates/reborn-bench/summarize.py [RESULTS_DIR]
+Usage: python3 crates/reborn-bench/summarize.py [--write BENCHMARKS.md] [RESULTS_DIR]
 """
+import contextlib
 import glob
+import io
 import json
 import os
+import re
 import sys
 
-d = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import phases as phases_mod  # noqa: E402
+
+args = sys.argv[1:]
+write = None
+if args[:1] == ["--write"]:
+    write, args = args[1], args[2:]
+d = args[0] if args else os.path.join(os.path.dirname(__file__), "results")
 
 
 def load(name):
@@ -53,6 +66,22 @@ def procs_table():
         for when, key in [("start", "processes_at_start"), ("end", "processes_at_end")]:
             for p in r[key]:
                 print(f"| {name} ({when}) | {p['role']} {p['pid']} | {p['fds']} | {p['rss_kib']} | {p.get('rss_anon_kib')} | {p.get('rss_file_kib')} | {p.get('pss_kib')} |")
+
+
+def phases_table():
+    runs = [("default build", "light-self-newconn", "light-self"), ("static non-PIE", "light-self-newconn-static", "light-self-static")]
+    found = []
+    for label, report, logs in runs:
+        rp, lp = os.path.join(d, report + ".json"), os.path.join(d, "logs", logs, "server.log")
+        if os.path.exists(rp) and os.path.exists(lp):
+            found.append((label, phases_mod.phases(rp, lp)))
+    if not found:
+        return
+    print("| phase (ms after SIGHUP) | " + " | ".join(f"{label}: median | p90" for label, _ in found) + " |")
+    print("|---|" + "---|---|" * len(found))
+    for k in phases_mod.ORDER:
+        cells = " | ".join(f"{phases_mod.q(p[k], 0.5):.2f} | {phases_mod.q(p[k], 0.9):.2f}" for _, p in found)
+        print(f"| {k} | {cells} |")
 
 
 def steady_table():
@@ -123,19 +152,37 @@ def master_memory_table():
     )
 
 
-print("### Restarts under closed-loop load\n")
-restart_table("restart")
-print("\n### Restarts under paced load (20,000 req/s)\n")
-restart_table("paced")
-print("\n### Restarts under light load (4 clients, 4,000 req/s)\n")
-restart_table("light")
-print("\n### The handoff at light load\n")
-handoff_table()
-print("\n### The master's memory over 1,000 upgrades\n")
-master_memory_table()
-print("\n### Steady state\n")
-steady_table()
-print("\n### Idle keep-alive connections\n")
-idle_table()
-print("\n### Processes\n")
-procs_table()
+TABLES = [
+    ("restart", "Restarts under closed-loop load", lambda: restart_table("restart")),
+    ("paced", "Restarts under paced load (20,000 req/s)", lambda: restart_table("paced")),
+    ("light", "Restarts under light load (4 clients, 4,000 req/s)", lambda: restart_table("light")),
+    ("handoff", "The handoff at light load", handoff_table),
+    ("phases", "The handoff's phases at light load", phases_table),
+    ("master-memory", "The master's memory over 1,000 upgrades", master_memory_table),
+    ("steady", "Steady state", steady_table),
+    ("idle", "Idle keep-alive connections", idle_table),
+    ("processes", "Processes", procs_table),
+]
+
+
+def render(fn):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fn()
+    return out.getvalue()
+
+
+if write is None:
+    for i, (_, title, fn) in enumerate(TABLES):
+        print(("\n" if i else "") + f"### {title}\n")
+        print(render(fn), end="")
+else:
+    text = open(write).read()
+    for name, _, fn in TABLES:
+        pattern = re.compile(r"(<!-- table: %s -->\n).*?(<!-- /table -->)" % re.escape(name), re.S)
+        if not pattern.search(text):
+            sys.exit(f"{write}: no <!-- table: {name} --> marker")
+        table = render(fn)
+        text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+    open(write, "w").write(text)
+    print(f"{write}: {len(TABLES)} tables written from {d}")
