@@ -83,6 +83,9 @@ pub struct RestartRecord {
     pub commit_ms: Option<f64>,
     /// Signal to the old process's exit, ms.
     pub drain_ms: Option<f64>,
+    /// CPU time the hypervisor took from this machine (all CPUs) between the signal and
+    /// the commit, ms, in clock ticks (see [`sys::steal_ms`]); `None` where not counted.
+    pub steal_ms: Option<f64>,
     /// What went wrong, if anything.
     pub error: Option<String>,
     #[serde(skip)]
@@ -348,9 +351,11 @@ impl Target {
             handoff_ms: None,
             commit_ms: None,
             drain_ms: None,
+            steal_ms: None,
             error: None,
             signal_at: None,
         };
+        let steal_before = sys::steal_ms();
         let prober = probe.then(|| spawn_prober(self.addr, gens.clone()));
         let timeout = self.opts.step_timeout;
         let result = match self.opts.path {
@@ -358,6 +363,9 @@ impl Target {
             RestartPath::Master => self.restart_master(&mut rec, gens, &known).await,
             RestartPath::StopStart => self.restart_stop_start(&mut rec, gens, &known).await,
         };
+        if let (Some(a), Some(b)) = (steal_before, sys::steal_ms()) {
+            rec.steal_ms = Some(b - a);
+        }
         if let Some((stop, task)) = prober {
             let _ = stop.send(true);
             let _ = task.await;

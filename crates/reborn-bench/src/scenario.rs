@@ -439,6 +439,27 @@ pub fn render(r: &serde_json::Value) -> String {
             l["max_ms"].as_f64().unwrap_or(0.0)
         );
     }
+    // The slowest handoff, and whether the hypervisor took CPU time during it.
+    let restarts = r["restarts"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let stolen = restarts
+        .iter()
+        .filter(|x| x["steal_ms"].as_f64().is_some_and(|s| s > 0.0))
+        .count();
+    if let Some(worst) = restarts.iter().max_by(|a, b| {
+        let key = |x: &serde_json::Value| x["handoff_ms"].as_f64().unwrap_or(f64::NAN);
+        key(a).total_cmp(&key(b))
+    }) && let Some(h) = worst["handoff_ms"].as_f64()
+    {
+        let steal = worst["steal_ms"]
+            .as_f64()
+            .map_or("not counted".to_owned(), |s| format!("{s:.0} ms"));
+        let _ = writeln!(
+            o,
+            "CPU steal (hypervisor) during {stolen} of {} restarts; the slowest handoff ({h:.2} ms, restart {}): {steal}",
+            restarts.len(),
+            worst["index"]
+        );
+    }
     for e in r["restart_errors"]
         .as_array()
         .into_iter()
@@ -469,6 +490,7 @@ mod tests {
             handoff_ms,
             commit_ms: None,
             drain_ms: None,
+            steal_ms: None,
             error: None,
             signal_at: None,
         }

@@ -136,3 +136,16 @@ pub fn machine() -> serde_json::Value {
         .unwrap_or(0);
     serde_json::json!({ "cpus": cpus, "cpu": cpu, "kernel": kernel })
 }
+
+/// Time the hypervisor took from this machine's CPUs (all of them, `steal` in
+/// `/proc/stat`), in ms since boot. Counted in clock ticks (10 ms with the usual
+/// `USER_HZ` of 100): coarse, but it tells a restart slowed by the virtual machine's CPUs
+/// being taken away from one slowed by anything else.
+pub fn steal_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: u64 = cpu.split_whitespace().nth(8)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 * 1000.0 / hz as f64)
+}
