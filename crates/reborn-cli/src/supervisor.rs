@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use reborn::notify::{NotifyMessage, NotifyReceiver};
+use reborn::notify::{NotifyDir, NotifyMessage, NotifyReceiver};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
@@ -230,6 +230,8 @@ pub struct Supervisor {
     restart_token: u64,
     /// The pending back-off restart's timer.
     restart_timer: Option<AbortHandle>,
+    /// The private directory of the workers' notify sockets, made with the first worker.
+    notify_dir: Option<NotifyDir>,
     stopping: bool,
     ever_ready: bool,
 }
@@ -270,6 +272,7 @@ impl Supervisor {
             crashes_in_a_row: 0,
             restart_token: 0,
             restart_timer: None,
+            notify_dir: None,
             stopping: false,
             ever_ready: false,
         }
@@ -362,12 +365,12 @@ impl Supervisor {
                 program.display()
             ));
         }
-        let notify = Arc::new(
-            NotifyReceiver::new()
-                .map_err(|e| format!("cannot create a notify socket for the worker: {e}"))?,
-        );
-        self.last_generation += 1;
-        let generation = self.last_generation;
+        let generation = self.last_generation + 1;
+        let notify = self
+            .worker_notify_socket(generation)
+            .map(Arc::new)
+            .map_err(|e| format!("cannot create a notify socket for the worker: {e}"))?;
+        self.last_generation = generation;
         let mut env = self.cfg.env.clone();
         env.push(("NOTIFY_SOCKET".into(), notify.address()));
         env.push((
@@ -874,6 +877,16 @@ impl Supervisor {
     }
 
     // ---- helpers ----------------------------------------------------------------------
+
+    /// The notify socket for the worker of `generation`, in the master's private
+    /// directory (made on first use).
+    fn worker_notify_socket(&mut self, generation: u64) -> std::io::Result<NotifyReceiver> {
+        let dir = match &mut self.notify_dir {
+            Some(dir) => dir,
+            none => none.insert(NotifyDir::new()?),
+        };
+        dir.receiver(&format!("worker-{generation}"))
+    }
 
     /// Sends `event` after `delay`, unless the returned handle aborts it first.
     fn after(&self, delay: Duration, event: Event) -> AbortHandle {

@@ -146,9 +146,9 @@ fn worker_environment_and_forwarded_signals() {
     let script = dir.path().join("worker.sh");
     let out = dir.path().join("env.txt");
     let sigs = dir.path().join("signals.txt");
-    std::fs::write(
+    reborn_testkit::replace_with_script(
         &script,
-        format!(
+        &format!(
             "#!/bin/sh\n\
              trap 'echo usr1 >> {sigs}' USR1\n\
              trap 'echo usr2 >> {sigs}' USR2\n\
@@ -161,9 +161,7 @@ fn worker_environment_and_forwarded_signals() {
             sigs = sigs.display(),
             out = out.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let admin = dir.path().join("admin.sock");
     let master = Master::start(
         dir.path(),
@@ -325,4 +323,65 @@ fn library_worker_leaves_upgrades_to_the_master() {
     wait_for("the old demo worker to exit", PATIENCE, || {
         (!alive(worker)).then_some(())
     });
+}
+
+/// The workers' notify sockets live in one private directory of the master's, made once:
+/// each worker's socket goes away with the worker, the directory with the master.
+#[test]
+fn worker_notify_sockets_share_one_private_directory() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempdir();
+    let script = dir.path().join("worker.sh");
+    let out = dir.path().join("notify.txt");
+    reborn_testkit::replace_with_script(
+        &script,
+        &format!(
+            "#!/bin/sh\n\
+             trap 'exit 0' TERM\n\
+             echo \"$$ $NOTIFY_SOCKET\" > {out}.$$\n\
+             mv {out}.$$ {out}\n\
+             while :; do sleep 0.05; done\n",
+            out = out.display()
+        ),
+    );
+    let mut master = Master::start(
+        dir.path(),
+        &["--ready", "delay:100ms"],
+        &[script.as_os_str()],
+    );
+    let socket_of = |pid: u32| {
+        wait_for("the worker's NOTIFY_SOCKET", PATIENCE, || {
+            let text = std::fs::read_to_string(&out).ok()?;
+            let (p, socket) = text.trim().split_once(' ')?;
+            (p == pid.to_string()).then(|| std::path::PathBuf::from(socket))
+        })
+    };
+    let first = master.wait_serving();
+    let s1 = socket_of(first);
+    let private = s1.parent().expect("a directory").to_path_buf();
+    let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{}", private.display());
+    assert!(
+        std::fs::symlink_metadata(&s1)
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
+
+    let (ok, text) = master.upgrade();
+    assert!(ok, "{text}");
+    let second = wait_for("the new worker", PATIENCE, || {
+        master.serving_pid().filter(|p| *p != first)
+    });
+    let s2 = socket_of(second);
+    assert_ne!(s2, s1);
+    assert_eq!(s2.parent(), Some(private.as_path()), "the same directory");
+    wait_for("the old worker's socket to be removed", PATIENCE, || {
+        (!s1.exists()).then_some(())
+    });
+
+    let stop = master.client("stop", &[]);
+    assert!(stop.status.success(), "{stop:?}");
+    assert_eq!(master.proc.wait_exit(PATIENCE), Some(0));
+    assert!(!private.exists(), "the directory goes with the master");
 }

@@ -352,7 +352,7 @@ pub fn replace_with_variant(path: &Path, src: &Path, extra: &[u8]) {
     std::fs::rename(&tmp, path).expect("rename over the old binary");
 }
 
-/// Replaces `path` with a shell script (mode 0755), by rename.
+/// Writes a shell script (mode 0755) at `path`, by rename (replacing what was there).
 pub fn replace_with_script(path: &Path, script: &str) {
     use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_extension("new");

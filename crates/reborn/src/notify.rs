@@ -111,7 +111,7 @@ pub fn send(addr: &OsStr, message: &str) -> io::Result<()> {
 ///
 /// - [`NotifyReceiver::new`]: a socket file in a fresh directory only this user can enter
 ///   (mode 0700). Every notify client understands a path. The directory goes away when
-///   this is dropped.
+///   this is dropped. ([`NotifyDir`] makes the directory once for many receivers.)
 /// - [`NotifyReceiver::new_abstract`]: a name in Linux's abstract socket namespace
 ///   (`NOTIFY_SOCKET=@reborn/…`, understood by libsystemd, `systemd-notify` and reborn).
 ///   Nothing is created on disk, so it costs no file-system work on the upgrade's
@@ -120,24 +120,71 @@ pub fn send(addr: &OsStr, message: &str) -> io::Result<()> {
 pub struct NotifyReceiver {
     socket: tokio::net::UnixDatagram,
     address: OsString,
-    _dir: Option<tempfile::TempDir>,
+    cleanup: Cleanup,
 }
 
-impl NotifyReceiver {
-    /// Creates the socket in a private directory in `$XDG_RUNTIME_DIR` if set, else in
-    /// the temporary directory.
-    pub fn new() -> io::Result<NotifyReceiver> {
+/// What goes away with a receiver.
+#[derive(Debug)]
+enum Cleanup {
+    /// Nothing (an abstract name).
+    Nothing,
+    /// Its own private directory, and the socket file in it.
+    Dir(#[allow(dead_code, reason = "held to be removed when dropped")] tempfile::TempDir),
+    /// Its socket file, in a [`NotifyDir`].
+    File(PathBuf),
+}
+
+impl Drop for NotifyReceiver {
+    fn drop(&mut self) {
+        if let Cleanup::File(path) = &self.cleanup {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A private directory (mode 0700, in `$XDG_RUNTIME_DIR` if set, else in the temporary
+/// directory) for the notify sockets of many children, one socket file each: made once,
+/// so starting a child costs no directory, and a process that is killed leaves one
+/// directory behind rather than one per child. Removed, with what is left in it, when
+/// dropped.
+#[derive(Debug)]
+pub struct NotifyDir {
+    dir: tempfile::TempDir,
+}
+
+impl NotifyDir {
+    /// Makes the directory.
+    pub fn new() -> io::Result<NotifyDir> {
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .filter(|p| p.is_dir())
             .unwrap_or_else(std::env::temp_dir);
-        let dir = tempfile::Builder::new()
+        use std::os::unix::fs::PermissionsExt;
+        // Private whatever the umask: only this user may reach the sockets in it.
+        let mut builder = tempfile::Builder::new();
+        builder
             .prefix("reborn-")
-            .tempdir_in(&base)
-            .or_else(|_| tempfile::Builder::new().prefix("reborn-").tempdir())?;
+            .permissions(std::fs::Permissions::from_mode(0o700));
+        let dir = builder.tempdir_in(&base).or_else(|_| builder.tempdir())?;
+        Ok(NotifyDir { dir })
+    }
+
+    /// A receiver on the socket `NAME.sock` in this directory (a name not in use: one per
+    /// child), whose file is removed when the receiver is dropped.
+    pub fn receiver(&self, name: &str) -> io::Result<NotifyReceiver> {
+        let path = self.dir.path().join(format!("{name}.sock"));
+        let socket = UnixDatagram::bind(&path)?;
+        NotifyReceiver::from_bound(socket, path.clone().into_os_string(), Cleanup::File(path))
+    }
+}
+
+impl NotifyReceiver {
+    /// Creates the socket in a private directory of its own (see [`NotifyDir`]).
+    pub fn new() -> io::Result<NotifyReceiver> {
+        let NotifyDir { dir } = NotifyDir::new()?;
         let path = dir.path().join("notify");
         let socket = UnixDatagram::bind(&path)?;
-        NotifyReceiver::from_bound(socket, path.into_os_string(), Some(dir))
+        NotifyReceiver::from_bound(socket, path.into_os_string(), Cleanup::Dir(dir))
     }
 
     /// Creates the socket in the abstract namespace, under a name no other socket has
@@ -150,7 +197,11 @@ impl NotifyReceiver {
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
             match UnixDatagram::bind_addr(&addr) {
                 Ok(socket) => {
-                    return NotifyReceiver::from_bound(socket, format!("@{name}").into(), None);
+                    return NotifyReceiver::from_bound(
+                        socket,
+                        format!("@{name}").into(),
+                        Cleanup::Nothing,
+                    );
                 }
                 // Taken by chance (or on purpose, by someone guessing): draw again.
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts < 8 => attempts += 1,
@@ -162,14 +213,14 @@ impl NotifyReceiver {
     fn from_bound(
         socket: UnixDatagram,
         address: OsString,
-        dir: Option<tempfile::TempDir>,
+        cleanup: Cleanup,
     ) -> io::Result<NotifyReceiver> {
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::PassCred, &true)?;
         socket.set_nonblocking(true)?;
         Ok(NotifyReceiver {
             socket: tokio::net::UnixDatagram::from_std(socket)?,
             address,
-            _dir: dir,
+            cleanup,
         })
     }
 
@@ -291,11 +342,17 @@ mod tests {
 
     #[tokio::test]
     async fn receive_from_path_socket() {
+        use std::os::unix::fs::PermissionsExt;
         let rx = NotifyReceiver::new().unwrap();
+        let dir = Path::new(&rx.address()).parent().unwrap().to_path_buf();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "private whatever the umask");
         send(&rx.address(), "STATUS=starting\n").unwrap();
         send(&rx.address(), "READY=1\n").unwrap();
         let m = rx.wait_ready().await.unwrap();
         assert!(m.ready);
+        drop(rx);
+        assert!(!dir.exists(), "the directory goes with the receiver");
     }
 
     #[tokio::test]
