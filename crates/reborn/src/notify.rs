@@ -155,11 +155,11 @@ pub struct NotifyDir {
 impl NotifyDir {
     /// Makes the directory.
     pub fn new() -> io::Result<NotifyDir> {
+        use std::os::unix::fs::PermissionsExt;
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .filter(|p| p.is_dir())
             .unwrap_or_else(std::env::temp_dir);
-        use std::os::unix::fs::PermissionsExt;
         // Private whatever the umask: only this user may reach the sockets in it.
         let mut builder = tempfile::Builder::new();
         builder
