@@ -368,6 +368,8 @@ pub struct LoadReport {
     pub ok: u64,
     /// Requests that failed, any way.
     pub failed: u64,
+    /// Of those, connections refused (nothing listening, or a full queue).
+    pub refused: u64,
     /// The first few failures, described.
     pub errors: Vec<String>,
     /// Distinct response bodies seen, in order of first appearance.
@@ -429,6 +431,9 @@ impl Load {
                         }
                         Err(e) => {
                             rep.failed += 1;
+                            if e.kind() == io::ErrorKind::ConnectionRefused {
+                                rep.refused += 1;
+                            }
                             if rep.errors.len() < 20 {
                                 rep.errors.push(format!(
                                     "{} connection: {e}",

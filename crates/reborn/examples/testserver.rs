@@ -4,6 +4,11 @@
 //! `GET /ping` answers `pong <digest> pid=<pid>` (the digest is of the executable file
 //! itself, so a changed binary answers differently); `?sleep_ms=N` waits first.
 //! Hooks print `hook: <when> <signal>` lines.
+//!
+//! A binary can carry knobs of its own, appended to the file (a bad deploy is a bad
+//! *file*, not a bad command line, which the next generation inherits): a line
+//! `knob:abort-after-ready-ms=N` makes the process abort N ms after its readiness check
+//! passed, `knob:fail-ready-check=TEXT` makes its readiness check fail with TEXT.
 
 use std::time::Duration;
 
@@ -22,6 +27,7 @@ struct Args {
     drain_timeout: Option<Duration>,
     idle_grace: Option<Duration>,
     ready_delay: Option<Duration>,
+    probation: Option<Duration>,
     panic_on_usr1: bool,
 }
 
@@ -34,6 +40,7 @@ fn parse_args() -> Result<Args, String> {
         drain_timeout: None,
         idle_grace: None,
         ready_delay: None,
+        probation: None,
         panic_on_usr1: false,
     };
     let mut it = std::env::args().skip(1);
@@ -52,6 +59,7 @@ fn parse_args() -> Result<Args, String> {
             "--drain-timeout-ms" => a.drain_timeout = Some(ms(value()?)?),
             "--idle-grace-ms" => a.idle_grace = Some(ms(value()?)?),
             "--ready-delay-ms" => a.ready_delay = Some(ms(value()?)?),
+            "--probation-ms" => a.probation = Some(ms(value()?)?),
             "--panic-on-usr1" => a.panic_on_usr1 = true,
             other => return Err(format!("unknown flag {other}")),
         }
@@ -59,15 +67,35 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-fn digest_of_self() -> String {
-    // FNV-1a over the executable: cheap, and any changed byte changes it.
+/// The executable's digest, and the knobs appended to it.
+struct SelfFile {
+    digest: String,
+    abort_after_ready: Option<Duration>,
+    fail_ready_check: Option<String>,
+}
+
+fn read_self() -> SelfFile {
     let bytes = std::fs::read("/proc/self/exe").unwrap_or_default();
+    // FNV-1a over the executable: cheap, and any changed byte changes it.
     let mut h: u64 = 0xcbf29ce484222325;
-    for b in bytes {
-        h ^= u64::from(b);
+    for b in &bytes {
+        h ^= u64::from(*b);
         h = h.wrapping_mul(0x100000001b3);
     }
-    format!("{h:016x}")
+    let tail = String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(4096)..]).into_owned();
+    let knob = |name: &str| {
+        let key = format!("knob:{name}=");
+        let start = tail.rfind(&key)? + key.len();
+        let value = tail[start..].lines().next()?.to_owned();
+        Some(value)
+    };
+    SelfFile {
+        digest: format!("{h:016x}"),
+        abort_after_ready: knob("abort-after-ready-ms")
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
+        fail_ready_check: knob("fail-ready-check"),
+    }
 }
 
 fn main() {
@@ -88,7 +116,30 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let pid = std::process::id();
     println!("[pid] {pid}");
+    let me = read_self();
     let mut builder = reborn::Reborn::builder();
+    if let Some(d) = args.probation {
+        builder = builder.probation(d);
+    }
+    if me.abort_after_ready.is_some() || me.fail_ready_check.is_some() {
+        let (abort, fail) = (me.abort_after_ready, me.fail_ready_check.clone());
+        builder = builder.ready_check(move || {
+            let fail = fail.clone();
+            async move {
+                if let Some(message) = fail {
+                    return Err(message.into());
+                }
+                if let Some(after) = abort {
+                    std::thread::spawn(move || {
+                        std::thread::sleep(after);
+                        println!("aborting, as this binary was built to");
+                        std::process::abort();
+                    });
+                }
+                Ok(())
+            }
+        });
+    }
     if let Some(p) = &args.pid_file {
         builder = builder.pid_file(p);
     }
@@ -127,7 +178,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         None => None,
     };
-    let digest = digest_of_self();
+    let digest = me.digest;
     let app = Router::new().route(
         "/ping",
         get(move |Query(p): Query<PingParams>| {

@@ -132,6 +132,8 @@ pub(crate) struct DrainControl {
     reason: std::sync::Mutex<Option<DrainReason>>,
     conns: std::sync::Mutex<HashMap<u64, Arc<AtomicWaker>>>,
     next_conn: AtomicU64,
+    /// Counts resumptions: a drain deadline armed before one no longer applies.
+    epoch: AtomicU64,
 }
 
 impl DrainControl {
@@ -145,7 +147,13 @@ impl DrainControl {
             reason: std::sync::Mutex::new(None),
             conns: std::sync::Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
+    }
+
+    /// How many times the process went back to serving after a drain.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
     }
 
     pub(crate) fn shutdown(&self) -> Shutdown {
@@ -181,12 +189,42 @@ impl DrainControl {
             }
             moved
         });
-        // Wake every connection after the phase is stored: one that registers its waker
-        // later reads the new phase itself.
+        self.wake_all();
+        true
+    }
+
+    /// Wakes every connection after the phase is stored: one that registers its waker
+    /// later reads the new phase itself.
+    fn wake_all(&self) {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         for waker in conns.values() {
             waker.wake();
         }
+    }
+
+    /// Goes back from a drain that an upgrade started to `Serving`: the new generation
+    /// died while this one was on probation. Returns false (and changes nothing) unless
+    /// the drain is an upgrade's and has not been hammered. Connections already told to
+    /// close (`Connection: close`, GOAWAY) still close; the others are served as before.
+    pub(crate) fn resume(&self) -> bool {
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*slot, Some(DrainReason::Upgraded { .. })) {
+            return false;
+        }
+        if self
+            .flags
+            .phase
+            .compare_exchange(1, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return false;
+        }
+        *slot = None;
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.flags.draining.store(false, Ordering::SeqCst);
+        self.tx.send_replace(Phase::Serving);
+        drop(slot);
+        self.wake_all();
         true
     }
 
@@ -373,7 +411,13 @@ pub(crate) async fn serve_connection<IO, S, B>(
                 return;
             }
             now = phase.changed() => match now {
-                Phase::Serving => {}
+                // Back to serving (the new generation died on probation): an idle
+                // connection not yet told to close is kept, as before the drain.
+                Phase::Serving => {
+                    if !shut_down {
+                        grace = None;
+                    }
+                }
                 Phase::Draining => {
                     if facts.http2.load(Ordering::Relaxed) {
                         if !shut_down {

@@ -10,6 +10,14 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The application's readiness check failed
+    /// ([`Builder::ready_check`](crate::Builder::ready_check)); the process did not
+    /// report ready and stopped.
+    #[error("the readiness check failed: {message}; this process did not report ready and stopped")]
+    ReadyCheck {
+        /// What the check said.
+        message: String,
+    },
     /// An address that is neither `host:port` nor a Unix socket path.
     #[error(
         "{addr:?} is not a listen address: {reason}; write a TCP address as HOST:PORT \

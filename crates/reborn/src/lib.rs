@@ -95,6 +95,7 @@ pub mod drain;
 pub mod error;
 pub mod listeners;
 pub mod notify;
+mod probation;
 mod readiness;
 mod serve;
 mod server;
@@ -160,9 +161,21 @@ pub(crate) fn process_info() -> &'static server::ProcessInfo {
             arg0,
             args: args.collect(),
             env,
+            cwd_fd: cwd.as_deref().and_then(open_dir).map(std::sync::Arc::new),
             cwd,
         }
     })
+}
+
+/// The directory, held open without read access (`O_PATH`): enough to `fchdir` into.
+fn open_dir(dir: &std::path::Path) -> Option<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(dir)
+        .ok()
+        .map(std::os::fd::OwnedFd::from)
 }
 
 /// The path to start at an upgrade: `argv[0]` when it names a file (made absolute, so it

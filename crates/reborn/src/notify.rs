@@ -28,6 +28,9 @@ pub struct NotifyMessage {
     pub main_pid: Option<u32>,
     /// `ERRNO=…`: the sender failed with this errno.
     pub errno: Option<i32>,
+    /// `REBORN_HANDED_OVER=<pid>`: reborn's own, sent to the previous generation only:
+    /// the sender has handed over to this newer process.
+    pub handed_over: Option<u32>,
 }
 
 impl NotifyMessage {
@@ -47,6 +50,7 @@ impl NotifyMessage {
                 b"STATUS" => msg.status = Some(text.into_owned()),
                 b"MAINPID" => msg.main_pid = text.trim().parse().ok(),
                 b"ERRNO" => msg.errno = text.trim().parse().ok(),
+                b"REBORN_HANDED_OVER" => msg.handed_over = text.trim().parse().ok(),
                 _ => {}
             }
         }
@@ -71,6 +75,9 @@ impl NotifyMessage {
         }
         if let Some(errno) = self.errno {
             out.push_str(&format!("ERRNO={errno}\n"));
+        }
+        if let Some(pid) = self.handed_over {
+            out.push_str(&format!("REBORN_HANDED_OVER={pid}\n"));
         }
         if let Some(status) = &self.status {
             // A status is one line.

@@ -23,11 +23,51 @@ pub(crate) fn tell(socket: &OsStr, message: &str) {
     }
 }
 
+/// How a failed readiness check's status starts.
+pub(crate) const CHECK_FAILED: &str = "readiness check failed: ";
+
 /// Reports ready, once.
 pub(crate) fn report_ready(inner: &Arc<Inner>) {
     if inner.ready.swap(true, Ordering::SeqCst) {
         return;
     }
+    match (&inner.ready_check, tokio::runtime::Handle::try_current()) {
+        (Some(check), Ok(handle)) => {
+            let (check, inner) = (check.clone(), inner.clone());
+            handle.spawn(async move {
+                match check().await {
+                    Ok(()) => announce(&inner),
+                    Err(e) => check_failed(&inner, e.to_string()),
+                }
+            });
+        }
+        _ => announce(inner),
+    }
+}
+
+/// The readiness check failed: say so to whoever waits for this process (the previous
+/// generation treats `ERRNO=` as a failed upgrade, with the status as its reason), and
+/// stop; `serve` returns the error once what was accepted is drained.
+fn check_failed(inner: &Arc<Inner>, message: String) {
+    tracing::error!("the readiness check failed: {message}; not reporting ready, stopping");
+    let report = format!(
+        "ERRNO=1\nSTATUS={CHECK_FAILED}{}\n",
+        message.replace('\n', " ")
+    );
+    if let Some(previous) = inner.notify.previous_generation() {
+        tell(previous, &report);
+    } else if let Some(manager) = inner.notify.manager() {
+        tell(manager, &report);
+    }
+    *inner
+        .ready_failure
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(message);
+    inner.begin_drain(crate::drain::DrainReason::Shutdown);
+}
+
+/// Says that this process serves: PID file, service manager, previous generation.
+fn announce(inner: &Arc<Inner>) {
     let pid = std::process::id();
     let addrs = {
         let mut set = inner.listeners();

@@ -158,12 +158,18 @@ impl Reborn {
         loop {
             let accepted = tokio::select! {
                 biased;
-                _ = phase.wait_for(|p| *p != Phase::Serving) => break,
-                accepted = accepting.accept(inner.config.tcp_nodelay) => accepted,
+                _ = phase.wait_for(|p| *p != Phase::Serving) => None,
+                accepted = accepting.accept(inner.config.tcp_nodelay) => Some(accepted),
             };
             match accepted {
-                Ok(conn) => conns.spawn(conn),
-                Err(e) => accept_error(&addr, e).await,
+                Some(Ok(conn)) => conns.spawn(conn),
+                Some(Err(e)) => accept_error(&addr, e).await,
+                // The successor is on probation: keep the socket, and accept again if
+                // this process takes over.
+                None if inner.resumed_after_probation().await => {
+                    tracing::info!(addr = %addr, "accepting again");
+                }
+                None => break,
             }
         }
         if inner.drain.reason() == Some(DrainReason::Shutdown)
@@ -196,7 +202,10 @@ impl Reborn {
         // this process may exit: a new process must never be left serving unwatched.
         drop(inner.upgrade_lock.lock().await);
         tracing::info!(addr = %addr, "drained");
-        Ok(())
+        match inner.ready_failure() {
+            Some(message) => Err(Error::ReadyCheck { message }),
+            None => Ok(()),
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //! signals, its drain — and the [`Builder`] that configures it.
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -36,6 +38,7 @@ pub(crate) struct Config {
     pub(crate) upgrade_on_sighup: bool,
     pub(crate) tcp_nodelay: bool,
     pub(crate) executable: Option<PathBuf>,
+    pub(crate) probation: Duration,
 }
 
 impl Default for Config {
@@ -51,6 +54,7 @@ impl Default for Config {
             upgrade_on_sighup: true,
             tcp_nodelay: true,
             executable: None,
+            probation: crate::probation::DEFAULT_PROBATION,
         }
     }
 }
@@ -68,12 +72,30 @@ impl Default for Config {
 ///     .build()?;
 /// # Ok::<(), reborn::Error>(())
 /// ```
-#[derive(Debug, Default)]
+#[derive(Default)]
 #[must_use]
 pub struct Builder {
     config: Config,
     hooks: Hooks,
+    ready_check: Option<ReadyCheck>,
 }
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("config", &self.config)
+            .field("hooks", &self.hooks)
+            .field("ready_check", &self.ready_check.is_some())
+            .finish()
+    }
+}
+
+/// The application's readiness check: run before `READY=1` is reported.
+pub(crate) type ReadyCheck = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = std::result::Result<(), crate::BoxError>> + Send>>
+        + Send
+        + Sync,
+>;
 
 impl Builder {
     /// How long a drain may take before what is left is closed (the hammer). Default 60 s,
@@ -117,6 +139,50 @@ impl Builder {
     /// `net.core.somaxconn`).
     pub fn backlog(mut self, backlog: i32) -> Self {
         self.config.backlog = backlog;
+        self
+    }
+
+    /// How long the previous generation stays on probation after an upgrade commits
+    /// (default 3 s; zero turns probation off).
+    ///
+    /// During probation the previous generation has stopped accepting and drains as
+    /// usual, but keeps its listening sockets and stays alive, idle, until the window
+    /// ends. If the new generation dies in the window (any exit, any signal), the previous
+    /// one takes over again at once: it accepts, writes its PID to the PID file, tells
+    /// systemd `MAINPID=`, `READY=1` and why, and logs the reason at ERROR;
+    /// [`Reborn::upgrade`] then returns [`UpgradeError::DiedOnProbation`]. This is what a
+    /// bad deploy usually looks like: ready at start-up, then a crash on the first request,
+    /// the first database query, a setting read lazily. Three seconds catch those while
+    /// the previous generation, idle by then, costs next to nothing; raise it for
+    /// services whose first real work comes later.
+    pub fn probation(mut self, window: Duration) -> Self {
+        self.config.probation = window;
+        self
+    }
+
+    /// A check run in the new process before it reports ready: `READY=1` then means
+    /// "healthy" (the database answers, the cache is warm), not only "accepting".
+    ///
+    /// A failing check (an `Err`) is a failed upgrade with the check's message: the
+    /// previous generation keeps serving, and this process drains what it accepted and
+    /// [`Reborn::serve`] returns [`Error::ReadyCheck`]. On a first start (no previous
+    /// generation) the process likewise stops with that error.
+    ///
+    /// ```no_run
+    /// let reborn = reborn::Reborn::builder()
+    ///     .ready_check(|| async {
+    ///         // e.g. run `SELECT 1` against the database
+    ///         Ok(())
+    ///     })
+    ///     .build()?;
+    /// # Ok::<(), reborn::Error>(())
+    /// ```
+    pub fn ready_check<F, Fut>(mut self, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), crate::BoxError>> + Send + 'static,
+    {
+        self.ready_check = Some(Arc::new(move || Box::pin(check())));
         self
     }
 
@@ -190,6 +256,9 @@ impl Builder {
             process: process.clone(),
             config: self.config,
             hooks: self.hooks,
+            ready_check: self.ready_check,
+            ready_failure: Mutex::new(None),
+            probation: crate::probation::Probation::new(),
             listeners: Mutex::new(listeners),
             notify: NotifyTargets {
                 notify_socket: env.notify_socket,
@@ -218,6 +287,9 @@ pub(crate) struct ProcessInfo {
     pub(crate) args: Vec<OsString>,
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(crate) cwd: Option<PathBuf>,
+    /// The working directory, held open: an upgrade still starts there if the path has
+    /// gone (a deploy that prunes old release directories).
+    pub(crate) cwd_fd: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Where readiness and state go.
@@ -258,6 +330,10 @@ pub(crate) struct Inner {
     pub(crate) process: ProcessInfo,
     pub(crate) config: Config,
     pub(crate) hooks: Hooks,
+    pub(crate) ready_check: Option<ReadyCheck>,
+    /// Why the readiness check failed, once it has.
+    pub(crate) ready_failure: Mutex<Option<String>>,
+    pub(crate) probation: crate::probation::Probation,
     pub(crate) listeners: Mutex<ListenerSet>,
     pub(crate) notify: NotifyTargets,
     pub(crate) master_pid: Option<u32>,
@@ -280,15 +356,19 @@ impl Inner {
             return false;
         }
         match reason {
-            DrainReason::Upgraded { successor } => tracing::info!(
-                successor,
-                "handed over to pid {successor}: no longer accepting; draining"
-            ),
+            DrainReason::Upgraded { successor } => {
+                tracing::info!(
+                    successor,
+                    "handed over to pid {successor}: no longer accepting; draining"
+                );
+                self.tell_previous(&format!("REBORN_HANDED_OVER={successor}\n"));
+            }
             DrainReason::Shutdown => {
                 tracing::info!("shutting down: no longer accepting; draining");
                 if let Some(manager) = self.notify.manager() {
                     crate::readiness::tell(manager, "STOPPING=1\nSTATUS=draining\n");
                 }
+                self.tell_previous("STOPPING=1\n");
             }
         }
         self.drain.start_draining();
@@ -297,8 +377,11 @@ impl Inner {
         }
         let deadline = self.config.drain_timeout;
         let inner = self.clone();
+        let epoch = self.drain.epoch();
         let at_deadline = move || {
-            if inner.drain.hammer() {
+            // A drain this process resumed from (probation) has no deadline any more.
+            if inner.drain.epoch() == epoch && inner.drain.hammer() {
+                inner.probation.end();
                 tracing::warn!(
                     "drain deadline of {deadline:?} reached: closing the connections that are left"
                 );
@@ -322,8 +405,41 @@ impl Inner {
         true
     }
 
+    /// Waits out a probation of the successor, if one runs; true if this process took
+    /// over again (it serves: accept again).
+    pub(crate) async fn resumed_after_probation(&self) -> bool {
+        self.probation.settled().await;
+        self.drain.phase() == Phase::Serving
+    }
+
+    /// Why the readiness check failed, if it did.
+    pub(crate) fn ready_failure(&self) -> Option<String> {
+        self.ready_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Tells the previous generation, if it is still there (on probation), how this
+    /// process goes on; it may have gone, so a failure is not worth a word.
+    fn tell_previous(&self, message: &str) {
+        if let Some(previous) = self.notify.previous_generation() {
+            let _ = crate::notify::send(previous, message);
+        }
+    }
+
+    /// Ends a probation this process is waiting out, so that it finishes its drain.
+    fn end_probation(&self, why: &str) {
+        if self.probation.end() {
+            tracing::info!(
+                "{why}: the probation of the new generation ends; this process exits once drained"
+            );
+        }
+    }
+
     /// Closes everything now.
     pub(crate) fn hammer(&self) {
+        self.probation.end();
         if self.drain.hammer() {
             tracing::warn!("hammer: closing every connection now");
             self.listeners().close_all();
@@ -387,7 +503,9 @@ impl Inner {
                 }
             }
             Signal::Term => {
-                if !self.begin_drain(DrainReason::Shutdown) {
+                if self.probation.is_running() {
+                    self.end_probation("SIGTERM");
+                } else if !self.begin_drain(DrainReason::Shutdown) {
                     tracing::info!("already draining; send SIGUSR2 to close connections now");
                 }
             }
@@ -395,7 +513,9 @@ impl Inner {
                 // The impatient second Ctrl-C hammers; the first one drains, also after
                 // an upgrade has already started this generation's drain.
                 let again = self.sigint_seen.swap(true, Ordering::SeqCst);
-                if !self.begin_drain(DrainReason::Shutdown) && again {
+                if self.probation.is_running() {
+                    self.end_probation("SIGINT");
+                } else if !self.begin_drain(DrainReason::Shutdown) && again {
                     self.hammer();
                 }
             }

@@ -41,6 +41,7 @@ pub struct SpawnSpec<'fd> {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     cwd: Option<PathBuf>,
+    cwd_fd: Option<BorrowedFd<'fd>>,
     sockets: Vec<(BorrowedFd<'fd>, Option<String>)>,
     parent_death_signal: Option<(libc::c_int, libc::pid_t)>,
 }
@@ -63,6 +64,7 @@ impl<'fd> SpawnSpec<'fd> {
             args: Vec::new(),
             env: Vec::new(),
             cwd: None,
+            cwd_fd: None,
             sockets: Vec::new(),
             parent_death_signal: None,
         }
@@ -112,6 +114,15 @@ impl<'fd> SpawnSpec<'fd> {
     /// Sets the working directory.
     pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cwd = Some(dir.into());
+        self
+    }
+
+    /// An open descriptor of the working directory, entered (`fchdir`) by
+    /// [`spawn`](Self::spawn) when the [`current_dir`](Self::current_dir) path cannot be
+    /// (it was removed or renamed since): deploys that prune old release directories
+    /// must not break the next upgrade.
+    pub fn current_dir_fd(mut self, dir: BorrowedFd<'fd>) -> Self {
+        self.cwd_fd = Some(dir);
         self
     }
 
@@ -569,7 +580,22 @@ impl SpawnedChild {
 struct VforkShared<'a> {
     plan: &'a mut ExecPlan,
     cwd: Option<&'a std::ffi::CStr>,
+    cwd_fd: Option<RawFd>,
     errno: libc::c_int,
+    /// The failure was entering the working directory, not the exec.
+    chdir_failed: bool,
+}
+
+/// Starting a process failed because its working directory could not be entered; the
+/// `io::Error` that [`SpawnSpec::spawn`] returns carries it (`get_ref`/`downcast`).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot enter the working directory {dir}: {source}")]
+pub struct WorkingDirError {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Why.
+    #[source]
+    pub source: io::Error,
 }
 
 impl SpawnSpec<'_> {
@@ -595,7 +621,9 @@ impl SpawnSpec<'_> {
         let mut shared = VforkShared {
             plan: &mut plan,
             cwd: cwd.as_deref(),
+            cwd_fd: self.cwd_fd.map(|fd| fd.as_raw_fd()),
             errno: 0,
+            chdir_failed: false,
         };
         let mut stack = vec![0u8; 256 * 1024];
         // SAFETY: the stack grows down from its end; 16-byte alignment as the ABI wants.
@@ -629,7 +657,17 @@ impl SpawnSpec<'_> {
         if shared.errno != 0 {
             // The child exited with 127 after its execve failed: reap it.
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-            return Err(io::Error::from_raw_os_error(shared.errno));
+            let source = io::Error::from_raw_os_error(shared.errno);
+            if shared.chdir_failed {
+                return Err(io::Error::new(
+                    source.kind(),
+                    WorkingDirError {
+                        dir: self.cwd.clone().unwrap_or_default(),
+                        source,
+                    },
+                ));
+            }
+            return Err(source);
         }
         // SAFETY: pidfd_open on the PID of our own unreaped child.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -690,8 +728,13 @@ extern "C" fn vfork_child(arg: *mut libc::c_void) -> libc::c_int {
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         if let Some(dir) = shared.cwd {
-            if libc::chdir(dir.as_ptr()) != 0 {
+            // The path first (a `current` symlink switched to a new release is followed),
+            // the directory held open if the path has gone.
+            if libc::chdir(dir.as_ptr()) != 0
+                && shared.cwd_fd.is_none_or(|fd| libc::fchdir(fd) != 0)
+            {
                 shared.errno = *libc::__errno_location();
+                shared.chdir_failed = true;
                 libc::_exit(127);
             }
         }

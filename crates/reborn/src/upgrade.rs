@@ -109,9 +109,62 @@ pub enum UpgradeError {
         /// The timeout.
         timeout: Duration,
     },
+    /// The new process reported ready, then died while this one was on probation
+    /// ([`Builder::probation`](crate::Builder::probation)).
+    #[error("{}", died_on_probation(*pid, status, *after, *resumed))]
+    DiedOnProbation {
+        /// Its PID.
+        pid: u32,
+        /// How it ended.
+        status: String,
+        /// How long after its `READY=1` it died.
+        after: Duration,
+        /// Whether this process took over again (false only when it was already being
+        /// closed down, by the hammer).
+        resumed: bool,
+    },
+    /// The new process's readiness check failed
+    /// ([`Builder::ready_check`](crate::Builder::ready_check)).
+    #[error(
+        "the new process (pid {pid}) failed its readiness check: {message} (the running \
+         version keeps serving)"
+    )]
+    NotHealthy {
+        /// Its PID.
+        pid: u32,
+        /// What the check said.
+        message: String,
+    },
+    /// The working directory the process was started in cannot be entered.
+    #[error(
+        "cannot start the new version in the working directory {dir}: {source}; the running \
+         version keeps serving (recreate the directory, or start the service from one that \
+         stays)"
+    )]
+    WorkingDirectory {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The readiness socket could not be made or read.
     #[error("cannot listen for the new process's readiness: {0}")]
     Notify(#[source] std::io::Error),
+}
+
+fn died_on_probation(pid: u32, status: &str, after: Duration, resumed: bool) -> String {
+    let me = std::process::id();
+    let how = status.strip_prefix("was ").unwrap_or(status);
+    let head = format!(
+        "pid {pid} (the new version) died {:.1} s after it was ready ({how})",
+        after.as_secs_f64()
+    );
+    if resumed {
+        format!("{head}: rolled back, pid {me} serves again")
+    } else {
+        format!("{head}; pid {me} was already closing down and could not take over")
+    }
 }
 
 /// Runs one upgrade.
@@ -188,6 +241,25 @@ async fn spawn_and_wait(
 ) -> Result<Upgraded, UpgradeError> {
     let receiver = NotifyReceiver::new_abstract().map_err(UpgradeError::Notify)?;
     let spawn_err = |source: std::io::Error| match source.kind() {
+        _ if source
+            .get_ref()
+            .is_some_and(|e| e.is::<crate::spawn::WorkingDirError>()) =>
+        {
+            let kind = source.kind();
+            match source
+                .into_inner()
+                .map(|e| e.downcast::<crate::spawn::WorkingDirError>())
+            {
+                Some(Ok(e)) => UpgradeError::WorkingDirectory {
+                    dir: e.dir,
+                    source: e.source,
+                },
+                _ => UpgradeError::WorkingDirectory {
+                    dir: inner.process.cwd.clone().unwrap_or_default(),
+                    source: kind.into(),
+                },
+            }
+        }
         std::io::ErrorKind::NotFound => UpgradeError::BinaryMissing {
             path: path.to_path_buf(),
         },
@@ -232,7 +304,7 @@ async fn spawn_and_wait(
                 Err(e) => format!("could not be waited for ({e})"),
             },
         }),
-        ready = receiver.wait_ready() => ready.map(|_| ()).map_err(UpgradeError::Notify),
+        ready = wait_ready(&receiver, pid) => ready,
         // A shutdown while the new process starts: it must not be left serving alone.
         () = shutdown.draining() => Err(UpgradeError::Draining { pid: std::process::id() }),
         () = tokio::time::sleep(timeout) => Err(UpgradeError::NotReady { pid, timeout }),
@@ -245,6 +317,11 @@ async fn spawn_and_wait(
         }),
         (outcome, _) => outcome,
     };
+    let probation = inner.config.probation;
+    if outcome.is_ok() && !probation.is_zero() {
+        // Before the drain starts, so that the accept loops know to wait.
+        inner.probation.begin();
+    }
     match outcome {
         Ok(()) if inner.begin_drain(DrainReason::Upgraded { successor: pid }) => {
             if let Some(path) = &inner.config.pid_file {
@@ -252,16 +329,21 @@ async fn spawn_and_wait(
                     tracing::error!("{e}");
                 }
             }
+            let upgraded = Upgraded {
+                pid,
+                took: started.elapsed(),
+            };
+            if !probation.is_zero() {
+                return crate::probation::watch(inner, child, receiver, upgraded, probation).await;
+            }
             // Reap the new process if it ends while this one still drains.
             tokio::spawn(async move {
                 let _ = child.wait().await;
             });
-            Ok(Upgraded {
-                pid,
-                took: started.elapsed(),
-            })
+            Ok(upgraded)
         }
         Ok(()) => {
+            inner.probation.clear();
             // A shutdown began while the new process was starting: it must not serve.
             stop(child, inner.config.stop_timeout);
             Err(UpgradeError::Draining {
@@ -271,6 +353,32 @@ async fn spawn_and_wait(
         Err(e) => {
             stop(child, inner.config.stop_timeout);
             Err(e)
+        }
+    }
+}
+
+/// Waits for the new process's `READY=1`; a report of failure (`ERRNO=`, as a failed
+/// readiness check sends) is an error with the status it came with.
+async fn wait_ready(receiver: &NotifyReceiver, pid: u32) -> Result<(), UpgradeError> {
+    loop {
+        let msg = receiver.recv().await.map_err(UpgradeError::Notify)?;
+        if msg.errno.is_some() {
+            return Err(UpgradeError::NotHealthy {
+                pid,
+                message: match msg.status {
+                    Some(s) => s
+                        .strip_prefix(crate::readiness::CHECK_FAILED)
+                        .map(str::to_owned)
+                        .unwrap_or(s),
+                    None => format!("it reported errno {}", msg.errno.unwrap_or(0)),
+                },
+            });
+        }
+        if msg.ready {
+            return Ok(());
+        }
+        if let Some(status) = &msg.status {
+            tracing::info!(status = %status, "the new process reports");
         }
     }
 }
@@ -293,6 +401,10 @@ fn spawn_child(
         .env(ENV_UPSTREAM_NOTIFY, manager.unwrap_or_default());
     if let Some(dir) = &p.cwd {
         spec = spec.current_dir(dir);
+        if let Some(fd) = &p.cwd_fd {
+            use std::os::fd::AsFd;
+            spec = spec.current_dir_fd(fd.as_fd());
+        }
     }
     for (fd, name) in listeners.handed() {
         spec = spec.socket(fd, name);
@@ -313,7 +425,7 @@ fn stop(mut child: crate::spawn::SpawnedChild, grace: Duration) {
     });
 }
 
-fn describe_exit(status: std::process::ExitStatus) -> String {
+pub(crate) fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with status {code}"),

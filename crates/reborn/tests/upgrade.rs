@@ -67,10 +67,12 @@ fn sighup_runs_the_binary_now_on_disk() {
 fn twenty_upgrades_under_load_lose_nothing() {
     let mut server = Server::start(&["--idle-grace-ms", "300"]);
     let mut pid = server.proc.pid();
+    let mut previous = Vec::new();
     // Measured idle, before and after: connections come and go with the load.
     let first_fds = fd_count(pid);
     let load = Load::start(server.addr, "/ping", 4, 4);
     for i in 0..20 {
+        previous.push(pid);
         let before = load.snapshot().ok;
         wait_for("requests between upgrades", PATIENCE, || {
             (load.snapshot().ok > before + 20).then_some(())
@@ -89,6 +91,11 @@ fn twenty_upgrades_under_load_lose_nothing() {
         "{} failed: {:?}",
         report.failed, report.errors
     );
+    // Each generation's probation ends when its successor hands over in turn; the last
+    // one's ends with its window (3 s by default), then its drain.
+    wait_for("every previous generation to be gone", PATIENCE, || {
+        previous.iter().all(|p| !alive(*p)).then_some(())
+    });
     assert!(
         report.bodies.len() >= 21,
         "every generation answered: {:?}",

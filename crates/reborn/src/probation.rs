@@ -1,0 +1,192 @@
+//! Probation: after a self-upgrade commits, the previous generation stays for a while,
+//! holding its listening sockets, ready to take over again.
+//!
+//! Most bad deploys do not fail at start-up: they report ready, then crash on the first
+//! request, the first database query, a configuration value read lazily. Without
+//! probation the previous generation has already gone by then, and every client is
+//! refused until someone restarts the service by hand. With it, the previous generation
+//! stops accepting and drains exactly as without, but stays alive (idle, cheap) until
+//! the window ends; if the new generation dies in the window, for any reason, the
+//! previous one *resumes*: it accepts again at once, writes its PID to the PID file,
+//! tells the service manager that it is the main process again, and logs what happened.
+//!
+//! The window ends early, without a rollback, when this process is told to stop
+//! (`SIGTERM`, `SIGINT`, the hammer), and when the new generation itself hands over to a
+//! newer one or shuts down on purpose: it says so on the private notify socket it
+//! inherited (`REBORN_HANDED_OVER=<pid>`, `STOPPING=1`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::notify::NotifyReceiver;
+use crate::readiness::tell;
+use crate::server::Inner;
+use crate::spawn::SpawnedChild;
+use crate::upgrade::{UpgradeError, Upgraded, describe_exit};
+
+/// The default window: long enough for the usual lazy failures (the first requests, the
+/// first connection to a database) to show, short enough that the previous generation,
+/// idle by then, does not linger.
+pub(crate) const DEFAULT_PROBATION: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    /// No probation under way.
+    Idle,
+    /// A successor is on probation; this process waits, able to resume.
+    Running,
+    /// The probation is over (passed, or cut short): this process finishes its drain.
+    Over,
+}
+
+/// The probation's state, watched by the accept loops.
+#[derive(Debug)]
+pub(crate) struct Probation {
+    tx: watch::Sender<State>,
+}
+
+impl Probation {
+    pub(crate) fn new() -> Self {
+        Probation {
+            tx: watch::Sender::new(State::Idle),
+        }
+    }
+
+    fn set(&self, state: State) {
+        self.tx.send_replace(state);
+    }
+
+    pub(crate) fn begin(&self) {
+        self.set(State::Running);
+    }
+
+    /// Back to no probation (the upgrade did not commit, or this process resumed).
+    pub(crate) fn clear(&self) {
+        self.set(State::Idle);
+    }
+
+    /// Ends a running probation without a rollback; returns whether one was running.
+    pub(crate) fn end(&self) -> bool {
+        self.tx.send_if_modified(|s| {
+            let running = *s == State::Running;
+            if running {
+                *s = State::Over;
+            }
+            running
+        })
+    }
+
+    pub(crate) fn is_running(&self) -> bool {
+        *self.tx.borrow() == State::Running
+    }
+
+    /// Resolves once no probation is running.
+    pub(crate) async fn settled(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|s| *s != State::Running).await;
+    }
+}
+
+/// How a probation ended.
+enum Verdict {
+    Passed,
+    /// Cut short, without a rollback: why.
+    CutShort(&'static str),
+    /// The successor died: how, and how long after it was ready.
+    Died(String, Duration),
+}
+
+/// Watches the committed successor for `window`. On its death this process resumes and
+/// the error says what happened; otherwise the upgrade stands.
+pub(crate) async fn watch(
+    inner: &Arc<Inner>,
+    mut child: SpawnedChild,
+    receiver: NotifyReceiver,
+    upgraded: Upgraded,
+    window: Duration,
+) -> Result<Upgraded, UpgradeError> {
+    let pid = upgraded.pid;
+    let ready_at = Instant::now();
+    tracing::info!(
+        successor = pid,
+        "pid {pid} is on probation for {window:?}: this process keeps its sockets and \
+         takes over again if pid {pid} dies"
+    );
+    let mut listening = true;
+    let deadline = tokio::time::sleep(window);
+    tokio::pin!(deadline);
+    let verdict = loop {
+        tokio::select! {
+            biased;
+            status = child.wait() => break Verdict::Died(
+                match status {
+                    Ok(s) => describe_exit(s),
+                    Err(e) => format!("could not be waited for ({e})"),
+                },
+                ready_at.elapsed(),
+            ),
+            () = inner.probation.settled() => break Verdict::CutShort("this process was told to stop"),
+            message = receiver.recv(), if listening => match message {
+                Ok(m) if m.handed_over.is_some() => break Verdict::CutShort("it handed over to a newer generation"),
+                Ok(m) if m.stopping => break Verdict::CutShort("it is shutting down on purpose"),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!("stopped listening to pid {pid}'s notify messages: {e}");
+                    listening = false;
+                }
+            },
+            () = &mut deadline => break Verdict::Passed,
+        }
+    };
+    match verdict {
+        Verdict::Passed | Verdict::CutShort(_) => {
+            inner.probation.end();
+            match verdict {
+                Verdict::CutShort(why) => {
+                    tracing::info!(successor = pid, "probation of pid {pid} ended early: {why}")
+                }
+                _ => tracing::info!(successor = pid, "pid {pid} passed its probation"),
+            }
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+            Ok(upgraded)
+        }
+        Verdict::Died(status, after) => {
+            let me = std::process::id();
+            if !inner.drain.resume() {
+                inner.probation.end();
+                let error = UpgradeError::DiedOnProbation {
+                    pid,
+                    status,
+                    after,
+                    resumed: false,
+                };
+                tracing::error!("{error}");
+                return Err(error);
+            }
+            inner.probation.clear();
+            if let Some(path) = &inner.config.pid_file {
+                if let Err(e) = crate::readiness::write_pid_file(path, me) {
+                    tracing::error!("{e}");
+                }
+            }
+            let error = UpgradeError::DiedOnProbation {
+                pid,
+                status,
+                after,
+                resumed: true,
+            };
+            if let Some(manager) = inner.notify.manager() {
+                tell(
+                    manager,
+                    &format!("MAINPID={me}\nREADY=1\nSTATUS=rolled back: {error}\n"),
+                );
+            }
+            tracing::error!("{error}");
+            Err(error)
+        }
+    }
+}

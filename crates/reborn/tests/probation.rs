@@ -1,0 +1,196 @@
+//! Probation: a new version that dies after it reported ready is rolled back by the
+//! previous generation, which kept its sockets; the readiness check the application owns;
+//! an upgrade from a working directory that has gone.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Server, body_pid, testserver};
+use reborn_testkit::{Load, PATIENCE, Proc, alive, signal, wait_for};
+
+/// The knob a test server binary carries to abort this long after it is ready.
+fn aborting(ms: u64) -> String {
+    format!("\nknob:abort-after-ready-ms={ms}\n")
+}
+
+#[test]
+fn a_new_version_that_dies_after_ready_is_rolled_back_and_the_next_upgrade_works() {
+    let mut server = Server::start(&["--probation-ms", "3000", "--idle-grace-ms", "200"]);
+    let old = server.proc.pid();
+    let load = Load::start(server.addr, "/ping", 4, 4);
+    load.wait_progress(50);
+
+    server.deploy_variant(&aborting(200));
+    signal(old, libc::SIGHUP);
+    let bad = server.wait_new_pid(old);
+    server.proc.wait_line("the rollback", |l| {
+        l.contains("rolled back").then(|| l.to_owned())
+    });
+    let line = server.proc.output();
+    assert!(
+        line.contains(&format!("pid {bad} (the new version) died"))
+            && line.contains("SIGABRT")
+            && line.contains(&format!("rolled back, pid {old} serves again")),
+        "the reason is logged: {line}"
+    );
+    server.wait_serving_pid(old);
+    server.wait_answered_by(old);
+    load.wait_progress(200);
+    assert!(!alive(bad), "the bad version is gone");
+
+    // A good version after that is upgraded to as usual, and sticks.
+    server.deploy_variant("good");
+    signal(old, libc::SIGHUP);
+    let good = server.wait_new_pid(old);
+    load.wait_progress(100);
+    wait_for(
+        "the previous generation to exit after its probation",
+        PATIENCE,
+        || (!alive(old)).then_some(()),
+    );
+    load.wait_progress(100);
+    let report = load.finish();
+    assert_eq!(report.refused, 0, "nothing refused: {:?}", report.errors);
+    // Only requests in flight on the process that crashed may fail: one per client.
+    assert!(
+        report.failed <= 8,
+        "{} failed (at most one per client, on the crashed process): {:?}",
+        report.failed,
+        report.errors
+    );
+    assert_eq!(server.serving_pid(), Some(good));
+    server.stop_current();
+}
+
+#[test]
+fn with_probation_off_the_previous_generation_exits_as_before() {
+    let mut server = Server::start(&["--probation-ms", "0", "--idle-grace-ms", "100"]);
+    let old = server.proc.pid();
+    server.deploy_variant(&aborting(300));
+    signal(old, libc::SIGHUP);
+    let bad = server.wait_new_pid(old);
+    assert_eq!(
+        server.proc.wait_exit(PATIENCE),
+        Some(0),
+        "the old process exits"
+    );
+    assert!(
+        !server.proc.output().contains("rolled back"),
+        "no probation, no rollback"
+    );
+    wait_for("the bad version to die", PATIENCE, || {
+        (!alive(bad)).then_some(())
+    });
+    // Nobody serves now: this is what probation prevents.
+    assert!(reborn_testkit::get(server.addr, "/ping").is_err());
+}
+
+#[test]
+fn sigterm_to_the_previous_generation_ends_its_probation() {
+    let mut server = Server::start(&["--probation-ms", "20000", "--idle-grace-ms", "100"]);
+    let old = server.proc.pid();
+    server.deploy_variant("v2");
+    signal(old, libc::SIGHUP);
+    let new = server.wait_new_pid(old);
+    server.proc.wait_line("the probation", |l| {
+        l.contains("on probation").then_some(())
+    });
+    signal(old, libc::SIGTERM);
+    assert_eq!(
+        server.proc.wait_exit(PATIENCE),
+        Some(0),
+        "the old process exits without waiting out 20 s"
+    );
+    assert_eq!(body_pid(&server.get("/ping").body), Some(new));
+    server.stop_current();
+}
+
+#[test]
+fn a_failing_readiness_check_rolls_the_upgrade_back_with_its_message() {
+    let mut server = Server::start(&[]);
+    let old = server.proc.pid();
+    server.deploy_variant("\nknob:fail-ready-check=the database at db:5432 does not answer\n");
+    signal(old, libc::SIGHUP);
+    let line = server.proc.wait_line("the failed upgrade", |l| {
+        l.contains("upgrade failed").then(|| l.to_owned())
+    });
+    assert!(
+        line.contains("failed its readiness check: the database at db:5432 does not answer"),
+        "{line}"
+    );
+    assert_eq!(body_pid(&server.get("/ping").body), Some(old));
+    assert_eq!(server.serving_pid(), Some(old));
+    wait_for("the unhealthy process to be gone", PATIENCE, || {
+        reborn_testkit::children(old).is_empty().then_some(())
+    });
+    server.stop_current();
+}
+
+#[test]
+fn a_failing_readiness_check_on_a_first_start_stops_the_process_with_its_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = reborn_testkit::copy_to(&testserver(), dir.path(), "server");
+    reborn_testkit::replace_with_variant(
+        &bin,
+        &testserver(),
+        b"\nknob:fail-ready-check=no config\n",
+    );
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--addr", "127.0.0.1:0"]);
+    let mut proc = Proc::start(cmd);
+    assert_eq!(proc.wait_exit(PATIENCE), Some(1));
+    let out = proc.output();
+    assert!(
+        out.contains("the readiness check failed: no config"),
+        "{out}"
+    );
+}
+
+#[test]
+fn an_upgrade_works_after_the_working_directory_was_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = reborn_testkit::copy_to(&testserver(), dir.path(), "server");
+    let release = dir.path().join("release-1");
+    std::fs::create_dir(&release).expect("mkdir");
+    let pid_file = dir.path().join("pid");
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--addr", "127.0.0.1:0", "--pid-file"])
+        .arg(&pid_file)
+        .current_dir(&release);
+    let mut proc = Proc::start(cmd);
+    let addr: std::net::SocketAddr = proc.wait_line("the listening address", |l| {
+        l.strip_prefix("listening on ")?.parse().ok()
+    });
+    let old = proc.pid();
+    let serving =
+        || -> Option<u32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };
+    wait_for("the first generation to serve", PATIENCE, || {
+        (serving() == Some(old)).then_some(())
+    });
+
+    // The deploy prunes the old release directory, then upgrades.
+    std::fs::remove_dir(&release).expect("rmdir");
+    reborn_testkit::replace_with_variant(&bin, &testserver(), b"v2");
+    signal(old, libc::SIGHUP);
+    let new = wait_for("a new generation", PATIENCE, || {
+        serving().filter(|p| *p != old)
+    });
+    wait_for("an answer from the new generation", PATIENCE, || {
+        reborn_testkit::get(addr, "/ping")
+            .ok()
+            .and_then(|r| body_pid(&r.body))
+            .filter(|p| *p == new)
+    });
+    assert!(
+        !proc.output().contains("is gone"),
+        "never 'the binary is gone': {}",
+        proc.output()
+    );
+    signal(new, libc::SIGTERM);
+    wait_for("the new generation to exit", PATIENCE, || {
+        (!alive(new)).then_some(())
+    });
+    let _ = proc.wait_exit(Duration::from_secs(10));
+}
