@@ -6,6 +6,7 @@
 //!
 //! Loopback only; every run is bounded in count and time.
 
+mod baddeploy;
 mod idle;
 mod load;
 mod restart;
@@ -63,6 +64,38 @@ enum Cmd {
     Steady(SteadyArgs),
     /// Idle keep-alive connections through an upgrade: each closed cleanly in time?
     Idle(IdleArgs),
+    /// A new version that crashes after it reported ready: lost, refused, time to recover.
+    BadDeploy(BadDeployArgs),
+}
+
+#[derive(Debug, Args)]
+struct BadDeployArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// How to upgrade: self (SIGHUP) or master (reborn upgrade).
+    #[arg(long, value_enum, default_value = "self")]
+    path: RestartPath,
+    /// How the clients talk.
+    #[arg(long, value_enum, default_value = "newconn")]
+    mode: Mode,
+    /// Number of clients.
+    #[arg(short = 'c', long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    concurrency: u64,
+    /// Pace the clients to this many requests per second in total (0: closed loop).
+    #[arg(long, value_name = "REQ/S", default_value_t = 4000.0)]
+    rate: f64,
+    /// Bad deploys.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    rounds: u64,
+    /// The new version aborts this long after it reported ready (ms).
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    crash_after_ms: u64,
+    /// The probation window (ms) of the server (self) or the master.
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    probation_ms: u64,
+    /// Write the report as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
 }
 
 /// Where the server under test is.
@@ -242,6 +275,7 @@ fn target_opts(
         control: s.control.clone(),
         dir: dir.to_path_buf(),
         step_timeout: Duration::from_millis(s.step_timeout_ms),
+        master_args: Vec::new(),
     })
 }
 
@@ -311,6 +345,24 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
                 idle_grace: Duration::from_millis(a.idle_grace_ms),
             };
             let (report, text) = idle::run(cfg).await?;
+            print!("{text}");
+            write_json(a.json.as_deref(), &report)?;
+        }
+        Cmd::BadDeploy(a) => {
+            if a.path == RestartPath::StopStart {
+                return Err("bad-deploy measures the self and master paths".into());
+            }
+            let extra = vec![format!("--probation-ms={}", a.probation_ms)];
+            let cfg = baddeploy::BadDeployRun {
+                target: target_opts(&a.server, a.path, dir, extra)?,
+                mode: a.mode,
+                concurrency: a.concurrency as usize,
+                rate: a.rate.max(0.0),
+                rounds: a.rounds as usize,
+                crash_after: Duration::from_millis(a.crash_after_ms),
+                probation: Duration::from_millis(a.probation_ms),
+            };
+            let (report, text) = baddeploy::run(cfg).await?;
             print!("{text}");
             write_json(a.json.as_deref(), &report)?;
         }

@@ -61,6 +61,10 @@ pub struct TargetOpts {
     pub dir: PathBuf,
     /// How long any one step (start, restart, stop) may take.
     pub step_timeout: Duration,
+    /// Extra options for `reborn run` (master path). Unless they set `--probation`, it is
+    /// turned off: `reborn upgrade` then returns at the commit, which the handoff and
+    /// commit times measure.
+    pub master_args: Vec<String>,
 }
 
 /// One restart, as measured.
@@ -304,7 +308,16 @@ impl Target {
             .arg(&control)
             .arg("--pid-file")
             .arg(self.opts.dir.join("master.pid"))
-            .arg("--")
+            .args(&self.opts.master_args);
+        if !self
+            .opts
+            .master_args
+            .iter()
+            .any(|a| a.starts_with("--probation"))
+        {
+            cmd.args(["--probation", "0"]);
+        }
+        cmd.arg("--")
             .arg(&server)
             .arg("--addr")
             .arg(self.addr.to_string())

@@ -105,13 +105,15 @@ pub enum Command {
         after_help = RUN_AFTER,
         override_usage = "reborn run [--listen NAME=ADDR]... [OPTIONS] -- PROGRAM [ARGS]..."
     )]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Upgrade the running server: start a new worker, switch to it when it is ready.
     #[command(after_help = format!("{CONTROL_AFTER}
 
-Prints the outcome and exits 0 when the new worker serves; on failure (the new worker
-exited, could not start, or was not ready in time) prints the reason and exits 1, and
-the old worker keeps serving.
+Waits until the new worker is ready and has passed its probation (--probation of
+`reborn run`, 3s by default), prints the outcome and exits 0 when the new worker serves;
+on failure (the new worker exited, could not start, was not ready in time, or died on
+probation, when the last good binary is started again) prints the reason and exits 1,
+and the old version keeps serving.
 
 Example:
   reborn upgrade --name api && echo deployed"))]
@@ -193,6 +195,14 @@ pub struct RunArgs {
     /// is left itself, in order, before the master has to kill it.
     #[arg(long, value_name = "DURATION", default_value = "70s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    /// How long a new worker is on probation once it is ready: if it dies within this
+    /// window, the master starts the last good binary again (the one that passed its own
+    /// probation, pinned open, whatever the path now holds). `reborn upgrade` waits for
+    /// the end of the window and fails if the new worker did not survive it. 0 turns
+    /// probation off (crash restarts then read the path again).
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
+    pub probation: Duration,
 
     /// The longest wait between restarts of a worker that keeps crashing (the wait starts
     /// at 100ms and doubles).

@@ -22,6 +22,7 @@ mod cli;
 mod control;
 mod listen;
 mod paths;
+mod pinned;
 mod readiness;
 mod reaper;
 mod sdnotify;
@@ -40,7 +41,7 @@ use crate::control::Request;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Upgrade(args) => client(&args, Request::Upgrade, false),
         Command::Status(args) => client(&args.control, Request::Status, args.json),
         Command::Stop(args) => client(&args, Request::Stop, false),
@@ -149,6 +150,7 @@ fn run(args: RunArgs) -> ExitCode {
         stop_signal: args.stop_signal.0,
         drain_timeout: args.drain_timeout,
         backoff_max: args.backoff_max,
+        probation: args.probation,
         listeners: listeners.iter().map(|l| l.status()).collect(),
     };
     let sockets = listeners.into_iter().map(|l| (l.fd, l.name)).collect();

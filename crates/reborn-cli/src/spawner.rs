@@ -15,6 +15,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::mpsc;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -34,6 +35,9 @@ pub struct SpawnJob {
     pub args: Vec<OsString>,
     /// The worker's environment, including `NOTIFY_SOCKET` and `REBORN_MASTER_PID`.
     pub env: Vec<(OsString, OsString)>,
+    /// The program file, held open: what is executed (so that the file that ran is the
+    /// one pinned if it proves good), whatever `program` names by then.
+    pub binary: Option<Arc<crate::pinned::Binary>>,
 }
 
 /// The handle the supervisor keeps: a queue into the spawning thread.
@@ -91,6 +95,9 @@ fn spawn_one(
     }
     for (fd, name) in sockets {
         spec = spec.socket(fd.as_fd(), name.clone());
+    }
+    if let Some(binary) = &job.binary {
+        spec = spec.program_fd(binary.fd.as_fd(), binary.script);
     }
     let mut cmd = spec.command()?;
     cmd.stdin(Stdio::null());

@@ -29,6 +29,7 @@ use tokio::task::AbortHandle;
 
 use crate::cli::ReadyMode;
 use crate::control::{ListenerStatus, Reply, Request, Status, UpgradeStatus, WorkerStatus};
+use crate::pinned::Binary;
 use crate::reaper;
 use crate::sdnotify::Upstream;
 use crate::spawner::{SpawnJob, Spawner};
@@ -95,6 +96,11 @@ pub enum Event {
         /// The worker's generation.
         generation: u64,
     },
+    /// A serving worker's probation window is over.
+    ProbationOver {
+        /// The worker's generation.
+        generation: u64,
+    },
     /// A draining worker's deadline passed.
     DrainDeadline {
         /// The worker's generation.
@@ -135,6 +141,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The longest back-off between restarts.
     pub backoff_max: Duration,
+    /// How long a new worker's death makes the master go back to the last good binary.
+    pub probation: Duration,
     /// The listeners, for `status`.
     pub listeners: Vec<ListenerStatus>,
 }
@@ -172,6 +180,11 @@ struct Worker {
     /// matter, so that frequent upgrades do not pile up sleeping tasks.
     ready_timer: Option<AbortHandle>,
     drain_timer: Option<AbortHandle>,
+    probation_timer: Option<AbortHandle>,
+    /// Ready, and its probation not over yet.
+    on_probation: bool,
+    /// Its program file, held open (see [`crate::pinned`]).
+    binary: Option<Arc<Binary>>,
 }
 
 impl Worker {
@@ -186,9 +199,14 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.watcher.abort();
-        for task in [&self.probe, &self.ready_timer, &self.drain_timer]
-            .into_iter()
-            .flatten()
+        for task in [
+            &self.probe,
+            &self.ready_timer,
+            &self.drain_timer,
+            &self.probation_timer,
+        ]
+        .into_iter()
+        .flatten()
         {
             task.abort();
         }
@@ -234,6 +252,10 @@ pub struct Supervisor {
     notify_dir: Option<NotifyDir>,
     stopping: bool,
     ever_ready: bool,
+    /// The last good binary: of the last generation that passed its probation.
+    pinned: Option<(u64, Arc<Binary>)>,
+    /// `reborn upgrade` clients waiting for the end of a new worker's probation.
+    probation_waiters: Vec<(u64, oneshot::Sender<Reply>)>,
 }
 
 /// Formats a duration for people: `85ms`, `2.5s`.
@@ -275,6 +297,8 @@ impl Supervisor {
             notify_dir: None,
             stopping: false,
             ever_ready: false,
+            pinned: None,
+            probation_waiters: Vec::new(),
         }
     }
 
@@ -333,6 +357,7 @@ impl Supervisor {
             Event::ProbeReady { generation } => self.on_ready(generation, "probe"),
             Event::ReadyTimeout { generation } => self.on_ready_timeout(generation),
             Event::DrainDeadline { generation } => self.on_drain_deadline(generation),
+            Event::ProbationOver { generation } => self.on_probation_over(generation),
             Event::Restart { token } => self.on_restart(token),
             Event::Control { request, reply } => match request {
                 Request::Status => {
@@ -353,18 +378,15 @@ impl Supervisor {
     // ---- starting workers -------------------------------------------------------------
 
     fn start_worker(&mut self, purpose: Purpose) -> Result<u64, String> {
-        let program = reborn::spawn::resolve_program(&self.cfg.program).ok_or_else(|| {
-            format!(
-                "cannot find {:?} in PATH; give the program's path",
-                self.cfg.program
-            )
-        })?;
-        if !reborn::spawn::is_executable_file(&program) {
-            return Err(format!(
-                "{} is missing or not an executable file",
-                program.display()
-            ));
-        }
+        let (program, binary) = match (purpose, &self.pinned) {
+            // A restart runs the last good binary; only an upgrade reads the path again.
+            (Purpose::Replace, Some((_, pinned))) => (pinned.path.clone(), Some(pinned.clone())),
+            _ => {
+                let program = self.resolve_program()?;
+                let binary = Binary::open(&program).ok().map(Arc::new);
+                (program, binary)
+            }
+        };
         let generation = self.last_generation + 1;
         let notify = self
             .worker_notify_socket(generation)
@@ -383,6 +405,7 @@ impl Supervisor {
             arg0: self.cfg.program.clone(),
             args: self.cfg.args.clone(),
             env,
+            binary: binary.clone(),
         };
         if self.spawner.spawn(job).is_err() {
             return Err("the spawning thread has stopped".into());
@@ -408,9 +431,29 @@ impl Supervisor {
                 probe: None,
                 ready_timer: Some(ready_timer),
                 drain_timer: None,
+                probation_timer: None,
+                on_probation: false,
+                binary,
             },
         );
         Ok(generation)
+    }
+
+    /// The program now at the configured path.
+    fn resolve_program(&self) -> Result<std::path::PathBuf, String> {
+        let program = reborn::spawn::resolve_program(&self.cfg.program).ok_or_else(|| {
+            format!(
+                "cannot find {:?} in PATH; give the program's path",
+                self.cfg.program
+            )
+        })?;
+        if !reborn::spawn::is_executable_file(&program) {
+            return Err(format!(
+                "{} is missing or not an executable file",
+                program.display()
+            ));
+        }
+        Ok(program)
     }
 
     fn on_spawned(&mut self, generation: u64, result: io::Result<u32>) {
@@ -499,6 +542,18 @@ impl Supervisor {
         w.ready_at = Some(Instant::now());
         let took = w.started.elapsed();
         let label = w.label();
+        let probation = self.cfg.probation;
+        if probation.is_zero() {
+            if let Some(binary) = w.binary.clone() {
+                self.pinned = Some((generation, binary));
+            }
+        } else {
+            w.on_probation = true;
+            let timer = self.after(probation, Event::ProbationOver { generation });
+            if let Some(w) = self.workers.get_mut(&generation) {
+                w.probation_timer = Some(timer);
+            }
+        }
         tracing::info!(worker = %label, took = %human(took), how, "the worker is ready");
         let old = self.current.replace(generation);
         // A pending restart is moot now.
@@ -518,7 +573,20 @@ impl Supervisor {
             Purpose::Upgrade => {
                 let old_label = old.and_then(|g| self.workers.get(&g)).map(|w| w.label());
                 if let Some(old) = old {
+                    self.settle_probation(
+                        old,
+                        true,
+                        format!("upgraded; then superseded by {label}"),
+                    );
                     self.stop_worker(old);
+                }
+                if !probation.is_zero() {
+                    // `reborn upgrade` learns the outcome once the probation is over.
+                    if let Some(up) = self.upgrade.as_mut() {
+                        for waiter in up.waiters.drain(..) {
+                            self.probation_waiters.push((generation, waiter));
+                        }
+                    }
                 }
                 let message = match old_label {
                     Some(o) => format!(
@@ -566,6 +634,84 @@ impl Supervisor {
                 self.schedule_restart();
             }
         }
+    }
+
+    // ---- probation --------------------------------------------------------------------
+
+    fn on_probation_over(&mut self, generation: u64) {
+        let Some(w) = self.workers.get_mut(&generation) else {
+            return;
+        };
+        if !w.on_probation || w.role != Role::Serving {
+            return;
+        }
+        w.on_probation = false;
+        w.probation_timer = None;
+        let label = w.label();
+        let pinned = w.binary.clone();
+        let message = format!(
+            "upgraded: {label} is serving and passed its probation ({})",
+            human(self.cfg.probation)
+        );
+        match pinned {
+            Some(binary) => {
+                tracing::info!(worker = %label, binary = %binary.path.display(), "passed its probation: its binary is the last good one");
+                self.pinned = Some((generation, binary));
+            }
+            None => tracing::info!(worker = %label, "passed its probation"),
+        }
+        self.settle_probation(generation, true, message);
+    }
+
+    /// Answers the `reborn upgrade` clients waiting for the probation of `generation`.
+    fn settle_probation(&mut self, generation: u64, ok: bool, message: String) {
+        let (done, waiting) = std::mem::take(&mut self.probation_waiters)
+            .into_iter()
+            .partition(|(g, _)| *g == generation);
+        self.probation_waiters = waiting;
+        for (_, waiter) in done {
+            let _ = waiter.send(if ok {
+                Reply::ok(message.clone())
+            } else {
+                Reply::err(message.clone())
+            });
+        }
+    }
+
+    /// A serving worker died on probation: go back to the last good binary at once (the
+    /// sockets are the master's: connections wait in the backlog meanwhile). Returns
+    /// false when there is none to go back to (the usual crash handling applies).
+    fn roll_back_after_commit(&mut self, w: &Worker, reason: &str) -> bool {
+        let label = w.label();
+        let after = w.ready_at.map(|t| t.elapsed()).unwrap_or_default();
+        let Some((good, binary)) = self.pinned.clone() else {
+            return false;
+        };
+        if w.binary.as_ref().is_some_and(|b| Arc::ptr_eq(b, &binary)) {
+            // The last good binary itself died: that is a crash, not a bad deploy.
+            return false;
+        }
+        let message = format!(
+            "rolled back after commit: {label} (the new version) {reason} {} after it was \
+             ready; starting the last good binary again ({}, of generation {good})",
+            human(after),
+            binary.path.display()
+        );
+        tracing::error!("{message}");
+        self.upstream.status(message.clone());
+        self.last_upgrade = Some(UpgradeOutcome {
+            generation: w.generation,
+            ok: false,
+            message: message.clone(),
+            duration: w.started.elapsed(),
+            at: Instant::now(),
+        });
+        self.settle_probation(w.generation, false, message);
+        if let Err(reason) = self.start_worker(Purpose::Replace) {
+            tracing::error!("cannot start the last good binary: {reason}");
+            self.schedule_restart();
+        }
+        true
     }
 
     // ---- stopping workers -------------------------------------------------------------
@@ -643,6 +789,11 @@ impl Supervisor {
             let g = up.generation;
             self.finish_upgrade(g, false, "upgrade abandoned: the master is stopping".into());
         }
+        for (_, waiter) in self.probation_waiters.drain(..) {
+            let _ = waiter.send(Reply::err(
+                "the master is stopping before the new worker's probation was over",
+            ));
+        }
         let gens: Vec<u64> = self.workers.keys().copied().collect();
         for g in gens {
             self.stop_worker(g);
@@ -714,8 +865,20 @@ impl Supervisor {
                 }
                 tracing::warn!(worker = %label, after = %human(lived), "the serving worker {reason}");
                 self.note_crash(w.ready_at);
-                if self.upgrade.is_none() {
-                    self.schedule_restart();
+                let rolled_back = w.on_probation
+                    && !self.stopping
+                    && self.current.is_none()
+                    && self.upgrade.is_none()
+                    && self.roll_back_after_commit(&w, &reason);
+                if !rolled_back {
+                    self.settle_probation(
+                        generation,
+                        false,
+                        format!("upgrade failed: {label} {reason} during its probation"),
+                    );
+                    if self.upgrade.is_none() {
+                        self.schedule_restart();
+                    }
                 }
             }
         }

@@ -138,7 +138,15 @@ fn old_worker_ignoring_stop_is_killed_at_the_deadline() {
     );
     let master = Master::start(
         dir.path(),
-        &["--ready", "delay:200ms", "--drain-timeout", "1500ms"],
+        // No probation: `reborn upgrade` returns at the commit, when the clock starts.
+        &[
+            "--ready",
+            "delay:200ms",
+            "--drain-timeout",
+            "1500ms",
+            "--probation",
+            "0",
+        ],
         &[script.as_os_str()],
     );
     let old = master.wait_serving();

@@ -42,6 +42,7 @@ pub struct SpawnSpec<'fd> {
     env: Vec<(OsString, OsString)>,
     cwd: Option<PathBuf>,
     cwd_fd: Option<BorrowedFd<'fd>>,
+    program_fd: Option<(BorrowedFd<'fd>, bool)>,
     sockets: Vec<(BorrowedFd<'fd>, Option<String>)>,
     parent_death_signal: Option<(libc::c_int, libc::pid_t)>,
 }
@@ -65,6 +66,7 @@ impl<'fd> SpawnSpec<'fd> {
             env: Vec::new(),
             cwd: None,
             cwd_fd: None,
+            program_fd: None,
             sockets: Vec::new(),
             parent_death_signal: None,
         }
@@ -114,6 +116,16 @@ impl<'fd> SpawnSpec<'fd> {
     /// Sets the working directory.
     pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Executes the file open at `fd` (`execveat` with `AT_EMPTY_PATH`) instead of the
+    /// program path, which is still what the errors name: a binary pinned this way runs
+    /// even after its path holds another file, or none. `script` says that the file is a
+    /// `#!` script, whose interpreter opens it as `/dev/fd/N`: that fd then stays open in
+    /// the child.
+    pub fn program_fd(mut self, fd: BorrowedFd<'fd>, script: bool) -> Self {
+        self.program_fd = Some((fd, script));
         self
     }
 
@@ -179,6 +191,8 @@ struct ExecPlan {
     listen_pid: Option<Vec<u8>>,
     sources: Vec<RawFd>,
     moved: Vec<RawFd>,
+    /// The open file to execute instead of `program`, and whether it is a script.
+    program_fd: Option<(RawFd, bool)>,
     parent_death_signal: Option<(libc::c_int, libc::pid_t)>,
     /// Placeholders on the parent's free fds in the target range, held until the
     /// `Command` is dropped (after its spawn): std opens the pipe on which the child
@@ -264,6 +278,7 @@ impl ExecPlan {
             listen_pid,
             moved: vec![-1; sources.len()],
             sources,
+            program_fd: spec.program_fd.map(|(fd, script)| (fd.as_raw_fd(), script)),
             parent_death_signal: spec.parent_death_signal,
             _placeholders: placeholders,
         })
@@ -285,6 +300,20 @@ impl ExecPlan {
         }
         let n = self.sources.len() as RawFd;
         let first_free = LISTEN_FDS_START + n;
+        // The program's fd goes above the target range too, where no dup2 below lands.
+        let program_fd = match self.program_fd {
+            Some((src, script)) => {
+                // SAFETY: fcntl is async-signal-safe; `src` is an fd the parent kept open.
+                let fd = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, first_free) };
+                // SAFETY: as above, on the fd just made. A script's interpreter opens
+                // `/dev/fd/N` after the exec: that one fd must survive it.
+                if fd < 0 || (script && unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0) {
+                    return Err(io::Error::last_os_error());
+                }
+                Some(fd)
+            }
+            None => None,
+        };
         // First move every source above the target range, so that no dup2 below can
         // overwrite a source that is still to be placed.
         for (slot, src) in self.moved.iter_mut().zip(&self.sources) {
@@ -311,6 +340,21 @@ impl ExecPlan {
             // SAFETY: getpid is async-signal-safe.
             let pid = unsafe { libc::getpid() };
             write_decimal(&mut buf[LISTEN_PID_PREFIX.len()..], pid as u64);
+        }
+        if let Some(fd) = program_fd {
+            // SAFETY: execveat is a system call (async-signal-safe); the empty path is a
+            // static NUL-terminated string and the arrays are as for execve below.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_execveat,
+                    fd,
+                    c"".as_ptr(),
+                    self.argv.as_ptr(),
+                    self.envp.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                );
+            }
+            return Err(io::Error::last_os_error());
         }
         // SAFETY: execve is async-signal-safe; the arrays are NUL-terminated and point
         // into strings owned by `self`, which outlives the call.

@@ -66,6 +66,16 @@ struct Args {
     /// How long a drain may take before what is left is closed (ms).
     #[arg(long, default_value_t = 60_000)]
     drain_timeout_ms: u64,
+    /// A bad deploy, for `reborn-bench bad-deploy`: if the file given by --crash-flag
+    /// exists when this process starts, it aborts this many ms after it reported ready.
+    #[arg(long, value_name = "MS")]
+    crash_after_ready_ms: Option<u64>,
+    /// How long the previous generation stays on probation after an upgrade (ms).
+    #[arg(long, value_name = "MS")]
+    probation_ms: Option<u64>,
+    /// See --crash-after-ready-ms.
+    #[arg(long, value_name = "FILE")]
+    crash_flag: Option<PathBuf>,
 }
 
 /// `?sleep_ms=N`.
@@ -315,6 +325,20 @@ fn run_reborn(
         .drain_timeout(Duration::from_millis(args.drain_timeout_ms));
     if let Some(path) = &args.pid_file {
         builder = builder.pid_file(path);
+    }
+    if let Some(ms) = args.probation_ms {
+        builder = builder.probation(Duration::from_millis(ms));
+    }
+    if let (Some(ms), Some(flag)) = (args.crash_after_ready_ms, &args.crash_flag)
+        && flag.exists()
+    {
+        builder = builder.ready_check(move || async move {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(ms));
+                std::process::abort();
+            });
+            Ok(())
+        });
     }
     let reborn = builder.build()?;
     let t_built = started.elapsed();
