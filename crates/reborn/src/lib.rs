@@ -81,6 +81,23 @@
 //!
 //! Listeners are found by name, then by address, then bound anew (see [`listeners`]).
 //!
+//! # A bad deploy undoes itself
+//!
+//! Most bad deploys report ready, then crash: on the first request, the first database
+//! query, a setting read lazily. After an upgrade commits, the previous generation stays
+//! on *probation* for a few seconds ([`Builder::probation`], 3 s by default): it has
+//! stopped accepting and drains as usual, but keeps its sockets. If the new generation
+//! dies in that window, the previous one accepts again at once, writes its PID to the PID
+//! file, tells systemd, and logs why:
+//!
+//! ```text
+//! ERROR pid 5653 (the new version) died 0.2 s after it was ready (killed by signal 6 (SIGABRT)): rolled back, pid 5600 serves again
+//! ```
+//!
+//! `READY=1` can mean "healthy", not only "accepting": [`Builder::ready_check`] runs an
+//! async check (the database answers, the cache is warm) before the new process reports
+//! ready; a failing check is a failed upgrade with the check's message.
+//!
 //! # The drain
 //!
 //! hyper's graceful shutdown closes idle HTTP/1.1 connections at once, racing clients

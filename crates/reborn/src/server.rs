@@ -610,7 +610,9 @@ impl Reborn {
 
     /// Upgrades now, as `SIGHUP` does: starts the program on disk with the listeners and
     /// waits for it to be ready (then this process drains) or to fail (then this process
-    /// keeps serving). Resolves with the new process's PID once the handover is done.
+    /// keeps serving). Resolves with the new process's PID once the handover is done and
+    /// the new process has passed its probation ([`Builder::probation`]); if it died on
+    /// probation, with [`UpgradeError::DiedOnProbation`], and this process serves again.
     ///
     /// # Errors
     /// [`UpgradeError`] says why the upgrade did not happen; this process keeps serving.
