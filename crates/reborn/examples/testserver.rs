@@ -12,6 +12,23 @@
 
 use std::time::Duration;
 
+/// `println!`, except that a closed stdout (`./server | head`) is not a panic: the tests
+/// check that reborn's own handling survives a terminal or a pipe that has gone.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `eprintln!`, likewise.
+macro_rules! esay {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 use axum::{Router, extract::Query, routing::get};
 
 #[derive(serde::Deserialize)]
@@ -107,7 +124,7 @@ fn main() {
         .with_ansi(false)
         .init();
     if let Err(e) = run() {
-        eprintln!("testserver: {e}");
+        esay!("testserver: {e}");
         std::process::exit(1);
     }
 }
@@ -115,7 +132,7 @@ fn main() {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let pid = std::process::id();
-    println!("[pid] {pid}");
+    say!("[pid] {pid}");
     let me = read_self();
     let mut builder = reborn::Reborn::builder();
     if let Some(d) = args.probation {
@@ -132,7 +149,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 if let Some(after) = abort {
                     std::thread::spawn(move || {
                         std::thread::sleep(after);
-                        println!("aborting, as this binary was built to");
+                        say!("aborting, as this binary was built to");
                         std::process::abort();
                     });
                 }
@@ -161,19 +178,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         reborn::Signal::Term,
     ] {
         builder = builder
-            .before(signal, move || println!("hook: before {signal}"))
-            .after(signal, move || println!("hook: after {signal}"));
+            .before(signal, move || say!("hook: before {signal}"))
+            .after(signal, move || say!("hook: after {signal}"));
     }
     if args.panic_on_usr1 {
         builder = builder.on(reborn::Signal::Usr1, || panic!("a hook that panics"));
     }
     let reborn = builder.build()?;
     let tcp = reborn.listen("http", &args.addr)?;
-    println!("listening on {}", tcp.local_addr());
+    say!("listening on {}", tcp.local_addr());
     let unix = match &args.unix {
         Some(path) => {
             let l = reborn.listen("unix", path)?;
-            println!("listening on {}", l.local_addr());
+            say!("listening on {}", l.local_addr());
             Some(l)
         }
         None => None,
@@ -185,7 +202,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let digest = digest.clone();
             async move {
                 if let Some(ms) = p.sleep_ms {
-                    println!("slow request started: {ms} ms");
+                    say!("slow request started: {ms} ms");
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
                 format!("pong {digest} pid={pid}")
@@ -209,7 +226,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 if let Err(e) = reborn.ready() {
-                    eprintln!("testserver: {e}");
+                    esay!("testserver: {e}");
                 }
             });
         }
@@ -217,7 +234,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         if let Some(t) = unix_task {
             t.await??;
         }
-        println!("exiting");
+        say!("exiting");
         Ok(())
     })
 }

@@ -271,6 +271,7 @@ impl Builder {
             serving: AtomicUsize::new(0),
             sigint_seen: AtomicBool::new(false),
             started: OnceLock::new(),
+            on_terminal: crate::signals::on_terminal(),
             upgrade_lock: tokio::sync::Mutex::new(()),
         };
         Ok(Reborn {
@@ -342,6 +343,8 @@ pub(crate) struct Inner {
     pub(crate) serving: AtomicUsize,
     sigint_seen: AtomicBool,
     started: OnceLock<()>,
+    /// Which of stdin, stdout, stderr were terminals at start-up.
+    on_terminal: [bool; 3],
     pub(crate) upgrade_lock: tokio::sync::Mutex<()>,
 }
 
@@ -469,16 +472,85 @@ impl Inner {
         handle.spawn(async move {
             loop {
                 let signal = signals.recv().await;
-                inner.on_signal(signal);
+                // Nothing may end signal handling: a log line written to a terminal or a
+                // pipe that has gone can panic (`eprint!`), and the process would then
+                // catch SIGTERM and SIGHUP forever and do nothing.
+                let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    inner.on_signal(signal)
+                }));
+                if handled.is_err() {
+                    inner.signal_panicked(signal);
+                }
             }
         });
         Ok(())
+    }
+
+    /// The handling of `signal` panicked (logging to a stderr that has gone, most
+    /// likely): do what the signal asks without logging, and tell the service manager,
+    /// the one listener left.
+    fn signal_panicked(self: &Arc<Self>, signal: Signal) {
+        match signal {
+            Signal::Term | Signal::Int => {
+                if !self.probation.end() {
+                    self.begin_drain_quietly();
+                }
+            }
+            Signal::Usr2 => {
+                self.probation.end();
+                if self.drain.hammer() {
+                    self.listeners().close_all();
+                }
+            }
+            // An upgrade logs all along its way: with logging broken it cannot be run
+            // safely. A terminal that hung up ends the session, as in `on_signal`.
+            Signal::Hup if crate::signals::terminal_hung_up(self.on_terminal) => {
+                if !self.probation.end() {
+                    self.begin_drain_quietly();
+                }
+            }
+            Signal::Hup | Signal::Usr1 | Signal::Tstp => {}
+        }
+        if let Some(manager) = self.notify.manager() {
+            let _ = crate::notify::send(
+                manager,
+                &format!(
+                    "STATUS=handling {signal} failed (is stderr gone?); the process still \
+                     obeys SIGTERM and SIGUSR2\n"
+                ),
+            );
+        }
+    }
+
+    /// A drain without a word in the log.
+    fn begin_drain_quietly(self: &Arc<Self>) {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.begin_drain(DrainReason::Shutdown)
+        }));
+        // If logging panicked inside, the phase may not have moved yet.
+        if self.drain.claim(DrainReason::Shutdown) || self.drain.phase() == Phase::Serving {
+            self.drain.start_draining();
+            self.listeners().close_all();
+        }
     }
 
     fn on_signal(self: &Arc<Self>, signal: Signal) {
         tracing::info!(%signal, "signal received");
         self.hooks.run(signal, When::Before);
         match signal {
+            Signal::Hup if crate::signals::terminal_hung_up(self.on_terminal) => {
+                // The terminal that started this process has closed: the session is
+                // over. Starting the next generation on a dead terminal helps nobody,
+                // and staying would leave an orphan holding the port.
+                tracing::info!(
+                    "SIGHUP: the terminal this process was started from has gone; shutting \
+                     down gracefully (start a server that must outlive its terminal under \
+                     systemd, `reborn run`, nohup or setsid: then SIGHUP upgrades)"
+                );
+                if !self.probation.end() {
+                    self.begin_drain(DrainReason::Shutdown);
+                }
+            }
             Signal::Hup => {
                 if let Some(master) = self.master_pid {
                     tracing::info!(

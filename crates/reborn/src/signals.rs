@@ -158,3 +158,20 @@ impl Signals {
         .await
     }
 }
+
+/// Which of stdin, stdout and stderr are terminals now.
+pub(crate) fn on_terminal() -> [bool; 3] {
+    use std::io::IsTerminal;
+    [
+        std::io::stdin().is_terminal(),
+        std::io::stdout().is_terminal(),
+        std::io::stderr().is_terminal(),
+    ]
+}
+
+/// Whether a terminal the process was started on has hung up since (a hung-up terminal
+/// answers no terminal request, so it no longer counts as one).
+pub(crate) fn terminal_hung_up(at_start: [bool; 3]) -> bool {
+    let now = on_terminal();
+    at_start.iter().zip(now).any(|(was, is)| *was && !is)
+}

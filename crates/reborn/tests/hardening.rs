@@ -1,0 +1,124 @@
+//! Faults found by attacking reborn, each kept as a test.
+
+mod common;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use common::testserver;
+use reborn_testkit::{PATIENCE, alive, signal, wait_for};
+
+fn read_pid_file(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// A terminal that goes away (the user closes it): the kernel sends SIGHUP, and the
+/// process, whose terminal is gone, shuts down gracefully instead of starting a new
+/// generation on a dead terminal, or staying as an orphan that holds the port.
+#[test]
+fn a_terminal_that_hangs_up_ends_the_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = reborn_testkit::copy_to(&testserver(), dir.path(), "server");
+    let pid_file = dir.path().join("pid");
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two fds into the given integers; the rest are null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // openpty's fds are inherited by every process started meanwhile (the tests run in
+    // parallel): one that kept the terminal's master open would keep it from hanging up.
+    for fd in [master, slave] {
+        // SAFETY: F_SETFD on fds we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: both fds are new and owned here.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut cmd = Command::new(&bin);
+    // The panics of logging to a dead terminal print no backtrace (symbolizing a debug
+    // binary takes a minute on a loaded machine).
+    cmd.args(["--addr", "127.0.0.1:0", "--pid-file"])
+        .arg(&pid_file)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl are async-signal-safe; the child makes the pty its
+    // controlling terminal, as a shell in a terminal window does for its jobs.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("start the server on a terminal");
+    drop(cmd);
+    // The terminal is not read: the little the server writes fits its buffer, and a
+    // reader would keep the terminal open.
+    let pid = child.id();
+    wait_for("the server to serve", PATIENCE, || {
+        (read_pid_file(&pid_file) == Some(pid)).then_some(())
+    });
+    // The user closes the terminal window.
+    drop(master);
+    let exited = wait_for("the server to exit after the hangup", PATIENCE, || {
+        child.try_wait().ok().flatten()
+    });
+    // It may end with an error: every log line it writes fails on the dead terminal.
+    let _ = exited;
+    assert_eq!(
+        read_pid_file(&pid_file),
+        Some(pid),
+        "no new generation was started"
+    );
+}
+
+/// Logging to a stderr whose reader has gone must not end signal handling: the server
+/// still upgrades on SIGHUP and stops on SIGTERM.
+#[test]
+fn signals_still_work_when_stderr_is_a_closed_pipe() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = reborn_testkit::copy_to(&testserver(), dir.path(), "server");
+    let pid_file = dir.path().join("pid");
+    let mut child = Command::new(&bin)
+        .args(["--addr", "127.0.0.1:0", "--pid-file"])
+        .arg(&pid_file)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the server");
+    let pid = child.id();
+    wait_for("the server to serve", PATIENCE, || {
+        (read_pid_file(&pid_file) == Some(pid)).then_some(())
+    });
+    // `./server 2>&1 | head`: the reader is gone.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    // Logging now fails (tracing-subscriber's fallback `eprint!` panics): SIGHUP may not
+    // upgrade, but the process must still obey SIGTERM.
+    reborn_testkit::replace_with_variant(&bin, &testserver(), b"v2");
+    signal(pid, libc::SIGHUP);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let new = read_pid_file(&pid_file).filter(|p| *p != pid);
+    signal(pid, libc::SIGTERM);
+    wait_for("the server to exit on SIGTERM", PATIENCE, || {
+        child.try_wait().ok().flatten()
+    });
+    if let Some(new) = new {
+        signal(new, libc::SIGTERM);
+        wait_for("the new process to exit on SIGTERM", PATIENCE, || {
+            (!alive(new)).then_some(())
+        });
+    }
+}
