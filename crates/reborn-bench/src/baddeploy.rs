@@ -116,7 +116,9 @@ pub async fn run(cfg: BadDeployRun) -> Result<(serde_json::Value, String), BoxEr
         timeout: Duration::from_secs(2),
         ..load_cfg
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The first generation must pass its probation first: then it is the good version
+    // that a bad deploy falls back to (the master pins its binary then).
+    tokio::time::sleep(cfg.probation + Duration::from_millis(500)).await;
     let mut rounds = Vec::new();
     let mut errors = Vec::new();
     let pid_file = cfg.target.dir.join("server.pid");
