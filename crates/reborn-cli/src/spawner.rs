@@ -96,8 +96,10 @@ fn spawn_one(
     for (fd, name) in sockets {
         spec = spec.socket(fd.as_fd(), name.clone());
     }
-    if let Some(binary) = &job.binary {
-        spec = spec.program_fd(binary.fd.as_fd(), binary.script);
+    // A script runs by its path: its interpreter would see `/dev/fd/N` as `$0`, which
+    // breaks wrappers that look at their own name (pyenv's shims, for one).
+    if let Some(binary) = job.binary.as_ref().filter(|b| !b.script) {
+        spec = spec.program_fd(binary.fd.as_fd(), false);
     }
     let mut cmd = spec.command()?;
     cmd.stdin(Stdio::null());

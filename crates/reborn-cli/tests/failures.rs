@@ -312,13 +312,24 @@ fn control_socket_refuses_another_user() {
         if !client.exists() {
             std::fs::copy(reborn(), &client).unwrap();
         }
-        Command::new(&client)
-            .args([sub, "--control"])
-            .arg(&master.control)
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .unwrap()
+        // A just-copied binary may still be open for writing in a process another test
+        // is forking at this moment ("text file busy"): try again briefly.
+        let mut tries = 0;
+        loop {
+            match Command::new(&client)
+                .args([sub, "--control"])
+                .arg(&master.control)
+                .uid(65534)
+                .gid(65534)
+                .output()
+            {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other.unwrap(),
+            }
+        }
     };
     let out = as_nobody("stop");
     let err = String::from_utf8_lossy(&out.stderr);
