@@ -98,24 +98,15 @@ pub async fn run(cfg: BadDeployRun) -> Result<(serde_json::Value, String), BoxEr
     let mut target = Target::start(opts).await?;
     let epoch = Instant::now();
     let gens = Arc::new(Generations::default());
-    let load_cfg = LoadConfig {
-        addr: target.addr,
-        path: "/ping".into(),
-        host: target.addr.to_string(),
-        mode: cfg.mode,
-        concurrency: cfg.concurrency,
-        timeout: Duration::from_secs(5),
-        pause_after_failure: Duration::from_millis(1),
-        rate: cfg.rate,
-    };
-    let load = Load::start(load_cfg.clone(), gens.clone(), epoch);
-    let probe = LoadConfig {
-        mode: Mode::Newconn,
-        concurrency: 1,
-        rate: 0.0,
-        timeout: Duration::from_secs(2),
-        ..load_cfg
-    };
+    let load_cfg = LoadConfig::ping(
+        target.addr,
+        cfg.mode,
+        cfg.concurrency,
+        Duration::from_secs(5),
+        cfg.rate,
+    );
+    let load = Load::start(load_cfg, gens.clone(), epoch);
+    let probe = crate::restart::probe_cfg(target.addr, Duration::from_secs(2));
     // The first generation must pass its probation first: then it is the good version
     // that a bad deploy falls back to (the master pins its binary then).
     tokio::time::sleep(cfg.probation + Duration::from_millis(500)).await;

@@ -230,6 +230,28 @@ pub struct LoadConfig {
     pub rate: f64,
 }
 
+impl LoadConfig {
+    /// Clients that `GET /ping` on `addr`, pausing 1 ms after a failure.
+    pub fn ping(
+        addr: SocketAddr,
+        mode: Mode,
+        concurrency: usize,
+        timeout: Duration,
+        rate: f64,
+    ) -> LoadConfig {
+        LoadConfig {
+            addr,
+            path: "/ping".into(),
+            host: addr.to_string(),
+            mode,
+            concurrency,
+            timeout,
+            pause_after_failure: Duration::from_millis(1),
+            rate,
+        }
+    }
+}
+
 /// Load running in the background.
 pub struct Load {
     stop: Arc<AtomicBool>,

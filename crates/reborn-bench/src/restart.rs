@@ -118,17 +118,8 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn probe_cfg(addr: SocketAddr, timeout: Duration) -> LoadConfig {
-    LoadConfig {
-        addr,
-        path: "/ping".into(),
-        host: addr.to_string(),
-        mode: Mode::Newconn,
-        concurrency: 1,
-        timeout,
-        pause_after_failure: Duration::from_millis(1),
-        rate: 0.0,
-    }
+pub(crate) fn probe_cfg(addr: SocketAddr, timeout: Duration) -> LoadConfig {
+    LoadConfig::ping(addr, Mode::Newconn, 1, timeout, 0.0)
 }
 
 /// Polls `check` every `every` until it gives `Some` or `timeout` passes.

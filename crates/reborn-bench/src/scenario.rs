@@ -162,16 +162,13 @@ pub async fn run(
     let first = target.processes(&Generations::default());
     let gens = Arc::new(Generations::default());
     let epoch = Instant::now();
-    let load_cfg = LoadConfig {
-        addr: target.addr,
-        path: "/ping".into(),
-        host: target.addr.to_string(),
-        mode: cfg.mode,
-        concurrency: cfg.concurrency,
-        timeout: cfg.timeout,
-        pause_after_failure: Duration::from_millis(1),
-        rate: cfg.rate,
-    };
+    let load_cfg = LoadConfig::ping(
+        target.addr,
+        cfg.mode,
+        cfg.concurrency,
+        cfg.timeout,
+        cfg.rate,
+    );
     let load = Load::start(load_cfg.clone(), gens.clone(), epoch);
     tokio::time::sleep(cfg.warmup).await;
     let mut slow = Slow::default();

@@ -77,16 +77,7 @@ struct Round {
 }
 
 async fn measure(cfg: &SteadyRun, addr: SocketAddr) -> Round {
-    let load_cfg = LoadConfig {
-        addr,
-        path: "/ping".into(),
-        host: addr.to_string(),
-        mode: cfg.mode,
-        concurrency: cfg.concurrency,
-        timeout: Duration::from_secs(5),
-        pause_after_failure: Duration::from_millis(1),
-        rate: 0.0,
-    };
+    let load_cfg = LoadConfig::ping(addr, cfg.mode, cfg.concurrency, Duration::from_secs(5), 0.0);
     if !cfg.warmup.is_zero() {
         let warm = Load::start(
             load_cfg.clone(),
