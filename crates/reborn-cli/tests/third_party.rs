@@ -98,8 +98,9 @@ fn systemd_notify_reports_readiness() {
         &script,
         &format!(
             "#!/bin/sh\ntrap 'exit 0' TERM\nsleep 0.3\n{n} --ready --status=\"warmed up\"\n\
-             while :; do sleep 0.05; done\n",
-            n = notify.display()
+             echo $? > \"{rc}.$$\"\nwhile :; do sleep 0.05; done\n",
+            n = notify.display(),
+            rc = dir.path().join("notify-rc").display(),
         ),
     );
     let master = Master::start(
@@ -115,6 +116,22 @@ fn systemd_notify_reports_readiness() {
     wait_for("the old worker to stop", PATIENCE, || {
         (!alive(first)).then_some(())
     });
+    // systemd-notify (252) follows READY=1 with BARRIER=1, which carries a pipe's write
+    // end and waits until the master closes it: read, closed, no warning, exit 0.
+    for pid in [first, master.wait_serving()] {
+        let rc = dir.path().join(format!("notify-rc.{pid}"));
+        let rc = wait_for("systemd-notify to return", PATIENCE, || {
+            std::fs::read_to_string(&rc)
+                .ok()
+                .filter(|s| s.ends_with('\n'))
+        });
+        assert_eq!(rc.trim(), "0", "systemd-notify in worker {pid}");
+    }
+    let output = master.proc.output();
+    assert!(
+        !output.contains("notify socket"),
+        "no warning about the notify socket:\n{output}"
+    );
 }
 
 /// The documented Python example (docs/examples/master/server.py, standard library

@@ -5,10 +5,17 @@
 //! named by `NOTIFY_SOCKET` (a path, or `@name` for Linux's abstract namespace).
 //! reborn uses `READY=1`, `STATUS=…`, `STOPPING=1`, `RELOADING=1` and `MAINPID=…`,
 //! and understands `ERRNO=…` from workers that report a failure.
+//!
+//! A datagram may carry file descriptors. systemd's `BARRIER=1` (sent by
+//! `sd_notify_barrier()`, and by `systemd-notify` since version 246 after every message)
+//! carries the write end of a pipe: the sender waits until the receiver has closed it,
+//! which tells it every earlier message was seen. Receivers here accept descriptors on
+//! every datagram and close them at once, after the messages before them were handed
+//! on: so barriers are answered, and no descriptor is kept by accident.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -31,6 +38,9 @@ pub struct NotifyMessage {
     /// `REBORN_HANDED_OVER=<pid>`: reborn's own, sent to the previous generation only:
     /// the sender has handed over to this newer process.
     pub handed_over: Option<u32>,
+    /// `BARRIER=1`: the sender waits until the descriptor that came with this datagram
+    /// is closed (a receiver closes it as soon as the datagram is read).
+    pub barrier: bool,
 }
 
 impl NotifyMessage {
@@ -47,6 +57,7 @@ impl NotifyMessage {
                 b"READY" => msg.ready = value == b"1",
                 b"STOPPING" => msg.stopping = value == b"1",
                 b"RELOADING" => msg.reloading = value == b"1",
+                b"BARRIER" => msg.barrier = value == b"1",
                 b"STATUS" => msg.status = Some(text.into_owned()),
                 b"MAINPID" => msg.main_pid = text.trim().parse().ok(),
                 b"ERRNO" => msg.errno = text.trim().parse().ok(),
@@ -78,6 +89,9 @@ impl NotifyMessage {
         }
         if let Some(pid) = self.handed_over {
             out.push_str(&format!("REBORN_HANDED_OVER={pid}\n"));
+        }
+        if self.barrier {
+            out.push_str("BARRIER=1\n");
         }
         if let Some(status) = &self.status {
             // A status is one line.
@@ -237,17 +251,22 @@ impl NotifyReceiver {
     }
 
     /// Waits for the next datagram from a process of this user (or root) and parses it.
+    ///
+    /// File descriptors that came with it (a `BARRIER=1`'s pipe, say) are closed before
+    /// this returns, which releases a sender waiting on a barrier.
     pub async fn recv(&self) -> io::Result<NotifyMessage> {
         let mut buf = vec![0u8; 4096];
         loop {
-            let (n, sender) = self
+            let Datagram { len, sender, fds } = self
                 .socket
                 .async_io(tokio::io::Interest::READABLE, || {
                     recv_with_sender(self.socket.as_raw_fd(), &mut buf)
                 })
                 .await?;
+            // Closed here: the messages before this one were returned already.
+            drop(fds);
             match sender {
-                Some(s) if sender_allowed(s.uid) => return Ok(NotifyMessage::parse(&buf[..n])),
+                Some(s) if sender_allowed(s.uid) => return Ok(NotifyMessage::parse(&buf[..len])),
                 Some(s) => tracing::warn!(
                     pid = s.pid,
                     uid = s.uid,
@@ -284,30 +303,59 @@ fn sender_allowed(uid: u32) -> bool {
     uid == 0 || uid == nix::unistd::getuid().as_raw() || uid == nix::unistd::geteuid().as_raw()
 }
 
-/// One non-blocking `recvmsg`, with the sender's credentials.
-fn recv_with_sender(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<Sender>)> {
+/// One datagram as received.
+struct Datagram {
+    len: usize,
+    sender: Option<Sender>,
+    /// Descriptors that came with it, owned: closed when dropped.
+    fds: Vec<OwnedFd>,
+}
+
+/// The most descriptors one datagram can carry (the kernel's `SCM_MAX_FD`).
+const MAX_FDS_PER_DATAGRAM: usize = 253;
+
+/// One non-blocking `recvmsg`, with the sender's credentials and any descriptors.
+fn recv_with_sender(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut iov = [io::IoSliceMut::new(buf)];
-    // Room for the credentials; anything else (file descriptors) does not fit and is
-    // discarded (closed) by the kernel.
-    let mut space = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+    // Room for the credentials and for as many descriptors as a datagram can carry: a
+    // control buffer too small for them makes the kernel truncate it (MSG_CTRUNC), which
+    // would lose the credentials' place and fail the read with ENOBUFS.
+    let mut space = nix::cmsg_space!(
+        nix::sys::socket::UnixCredentials,
+        [RawFd; MAX_FDS_PER_DATAGRAM]
+    );
     let msg = recvmsg::<()>(
         fd,
         &mut iov,
         Some(&mut space),
         MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
     )?;
-    let n = msg.bytes;
+    let len = msg.bytes;
     let mut sender = None;
+    let mut fds = Vec::new();
     for cmsg in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmCredentials(c) = cmsg {
-            sender = Some(Sender {
-                pid: c.pid(),
-                uid: c.uid(),
-            });
+        match cmsg {
+            ControlMessageOwned::ScmCredentials(c) => {
+                sender = Some(Sender {
+                    pid: c.pid(),
+                    uid: c.uid(),
+                });
+            }
+            ControlMessageOwned::ScmRights(received) => {
+                // SAFETY: the kernel just installed these descriptors in this process
+                // for this message (close-on-exec, by MSG_CMSG_CLOEXEC); nothing else
+                // refers to them, so each is owned here and closed exactly once.
+                fds.extend(
+                    received
+                        .into_iter()
+                        .map(|raw| unsafe { OwnedFd::from_raw_fd(raw) }),
+                );
+            }
+            _ => {}
         }
     }
-    Ok((n, sender))
+    Ok(Datagram { len, sender, fds })
 }
 
 /// Eight random bytes from the kernel.
@@ -377,5 +425,50 @@ mod tests {
         // Each receiver has its own name.
         let other = NotifyReceiver::new_abstract().unwrap();
         assert_ne!(other.address(), addr);
+    }
+
+    /// `systemd-notify` (since 246) and `sd_notify_barrier()` send `BARRIER=1` with the
+    /// write end of a pipe and wait for it to be closed. The datagram is read (not
+    /// refused for its descriptor), the barrier is seen, and the pipe is closed.
+    #[tokio::test]
+    async fn a_barrier_is_read_and_its_descriptor_closed() {
+        use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+        use std::io::Read;
+        for rx in [
+            NotifyReceiver::new().unwrap(),
+            NotifyReceiver::new_abstract().unwrap(),
+        ] {
+            let addr = rx.address();
+            send(&addr, "READY=1\n").unwrap();
+            let (read_end, write_end) = nix::unistd::pipe().unwrap();
+            let sock = UnixDatagram::unbound().unwrap();
+            let to = match addr.as_bytes().strip_prefix(b"@") {
+                Some(name) => UnixAddr::new_abstract(name).unwrap(),
+                None => UnixAddr::new(Path::new(&addr)).unwrap(),
+            };
+            let fds = [write_end.as_raw_fd()];
+            sendmsg(
+                sock.as_raw_fd(),
+                &[io::IoSlice::new(b"BARRIER=1\n")],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                Some(&to),
+            )
+            .unwrap();
+            drop(write_end);
+            assert!(rx.recv().await.unwrap().ready);
+            let m = rx
+                .recv()
+                .await
+                .expect("a datagram with a descriptor is read");
+            assert!(m.barrier);
+            // The receiver closed its copy: the pipe reads end-of-file at once.
+            let mut reader = std::fs::File::from(read_end);
+            let mut byte = [0u8; 1];
+            assert_eq!(reader.read(&mut byte).unwrap(), 0);
+            // And the socket still works.
+            send(&addr, "STATUS=after\n").unwrap();
+            assert_eq!(rx.recv().await.unwrap().status.as_deref(), Some("after"));
+        }
     }
 }
