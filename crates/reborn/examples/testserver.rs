@@ -8,7 +8,10 @@
 //! A binary can carry knobs of its own, appended to the file (a bad deploy is a bad
 //! *file*, not a bad command line, which the next generation inherits): a line
 //! `knob:abort-after-ready-ms=N` makes the process abort N ms after its readiness check
-//! passed, `knob:fail-ready-check=TEXT` makes its readiness check fail with TEXT.
+//! passed, `knob:fail-ready-check=TEXT` makes its readiness check fail with TEXT, and
+//! `knob:block-listeners-and-exit=1` makes it put the listening sockets it inherited in
+//! blocking mode and exit at once (as a new version on another runtime may, before it
+//! fails).
 
 use std::time::Duration;
 
@@ -89,6 +92,7 @@ struct SelfFile {
     digest: String,
     abort_after_ready: Option<Duration>,
     fail_ready_check: Option<String>,
+    block_listeners_and_exit: bool,
 }
 
 fn read_self() -> SelfFile {
@@ -112,10 +116,15 @@ fn read_self() -> SelfFile {
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis),
         fail_ready_check: knob("fail-ready-check"),
+        block_listeners_and_exit: knob("block-listeners-and-exit").is_some_and(|v| v == "1"),
     }
 }
 
 fn main() {
+    let me = read_self();
+    if me.block_listeners_and_exit {
+        block_listeners_and_exit();
+    }
     reborn::init();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -123,17 +132,37 @@ fn main() {
         )
         .with_ansi(false)
         .init();
-    if let Err(e) = run() {
+    if let Err(e) = run(me) {
         esay!("testserver: {e}");
         std::process::exit(1);
     }
 }
 
-fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// Clears `O_NONBLOCK` on the sockets passed by `LISTEN_FDS` (the open file descriptions
+/// the previous generation shares), then exits with status 3.
+fn block_listeners_and_exit() -> ! {
+    use std::os::fd::BorrowedFd;
+    let count: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for fd in 3..3 + count {
+        // SAFETY: the fds of LISTEN_FDS are open for the life of this process, which
+        // exits below; the borrow does not outlive this loop.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        if let Ok(bits) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL) {
+            let flags = nix::fcntl::OFlag::from_bits_retain(bits) - nix::fcntl::OFlag::O_NONBLOCK;
+            let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags));
+        }
+    }
+    esay!("put {count} inherited listeners in blocking mode, as this binary was built to; exiting");
+    std::process::exit(3);
+}
+
+fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let pid = std::process::id();
     say!("[pid] {pid}");
-    let me = read_self();
     let mut builder = reborn::Reborn::builder();
     if let Some(d) = args.probation {
         builder = builder.probation(d);

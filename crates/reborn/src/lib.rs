@@ -111,6 +111,7 @@ pub mod activation;
 pub mod drain;
 pub mod error;
 pub mod listeners;
+mod log;
 pub mod notify;
 mod probation;
 mod readiness;

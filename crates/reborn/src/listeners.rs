@@ -268,6 +268,14 @@ impl ListenerSet {
         self.handed.iter().map(|(fd, n)| (fd.as_fd(), n.clone()))
     }
 
+    /// Puts every listener back in non-blocking mode where another process cleared it
+    /// (see [`ensure_nonblocking`]); `when` says at which moment, for the log.
+    pub(crate) fn restore_nonblocking(&self, when: &str) {
+        for (fd, _) in &self.handed {
+            ensure_nonblocking(fd.as_fd(), when);
+        }
+    }
+
     /// Closes the inherited sockets nobody asked for.
     pub(crate) fn close_unclaimed(&mut self) {
         for s in self.unclaimed.drain(..) {
@@ -324,6 +332,45 @@ impl ListenerSet {
     }
 }
 
+/// Makes a listening socket non-blocking again if it is not; true if it had to.
+///
+/// `O_NONBLOCK` belongs to the open file description, which every process that inherited
+/// the socket shares: a new version that puts its copy in blocking mode (many runtimes
+/// do, for a socket they did not create) puts this process's copy in blocking mode too,
+/// and a later `accept(2)` with nothing queued would then hang a runtime thread; the
+/// drain would never end. So after a failed or rolled-back upgrade, and when a drain
+/// starts, each listener is checked, and mended with a warning.
+pub(crate) fn ensure_nonblocking(fd: BorrowedFd<'_>, when: &str) -> bool {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = match fcntl(fd, FcntlArg::F_GETFL) {
+        Ok(bits) => OFlag::from_bits_retain(bits),
+        Err(e) => {
+            tracing::debug!("cannot read the flags of a listening socket: {e}");
+            return false;
+        }
+    };
+    if flags.contains(OFlag::O_NONBLOCK) {
+        return false;
+    }
+    let addr = describe_addr(&fd);
+    match fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)) {
+        Ok(_) => {
+            crate::log::warning!(
+                "the listener on {addr} had been put in blocking mode by another process that \
+                 shares it (a new version that failed?); made it non-blocking again {when}"
+            );
+            true
+        }
+        Err(e) => {
+            crate::log::error!(
+                "the listener on {addr} is in blocking mode (set by another process that shares \
+                 it) and cannot be made non-blocking again ({e}): accepts may hang"
+            );
+            false
+        }
+    }
+}
+
 /// Whether an inherited socket is bound to `addr`: `None` if it is of another kind,
 /// `Some(false)` if it is of the right kind but bound elsewhere.
 fn bound_to(fd: &OwnedFd, addr: &ListenAddr) -> Option<bool> {
@@ -352,7 +399,7 @@ fn same_path(a: &Path, b: &Path) -> bool {
     abs(a) == abs(b)
 }
 
-fn describe_addr(fd: &OwnedFd) -> String {
+fn describe_addr(fd: &impl AsFd) -> String {
     match SockRef::from(fd).local_addr() {
         Ok(a) => match (a.as_socket(), a.as_pathname()) {
             (Some(s), _) => s.to_string(),

@@ -168,6 +168,7 @@ pub(crate) async fn watch(
                 return Err(error);
             }
             inner.probation.clear();
+            inner.listeners().restore_nonblocking("after the rollback");
             if let Some(path) = &inner.config.pid_file {
                 if let Err(e) = crate::readiness::write_pid_file(path, me) {
                     tracing::error!("{e}");

@@ -5,6 +5,7 @@
 //! preface (h2c, prior knowledge) and otherwise speaks HTTP/1.1. Each connection runs in
 //! its own task under the policy of [`crate::drain`].
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -179,6 +180,8 @@ impl Reborn {
             // No successor will accept what is already queued: accept it, and serve it
             // under the drain's rules, rather than let it be reset at exit. (Under the
             // master, the queue is the next worker's.)
+            // Accepting until the queue is empty needs a non-blocking socket.
+            crate::listeners::ensure_nonblocking(accepting.as_fd(), "before the last accepts");
             let mut swept = 0;
             while swept < inner.config.backlog.max(1) {
                 match accepting.accept_queued(inner.config.tcp_nodelay) {
@@ -289,6 +292,15 @@ impl tokio::io::AsyncWrite for Connection {
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
         delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+impl std::os::fd::AsFd for Accepting {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Accepting::Tcp(l) => l.as_fd(),
+            Accepting::Unix(l) => l.as_fd(),
+        }
     }
 }
 

@@ -375,8 +375,13 @@ impl Inner {
             }
         }
         self.drain.start_draining();
-        if reason == DrainReason::Shutdown {
-            self.listeners().close_all();
+        {
+            let mut listeners = self.listeners();
+            // A drain must never hang in a blocking accept.
+            listeners.restore_nonblocking("as the drain starts");
+            if reason == DrainReason::Shutdown {
+                listeners.close_all();
+            }
         }
         let deadline = self.config.drain_timeout;
         let inner = self.clone();

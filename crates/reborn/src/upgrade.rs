@@ -345,13 +345,13 @@ async fn spawn_and_wait(
         Ok(()) => {
             inner.probation.clear();
             // A shutdown began while the new process was starting: it must not serve.
-            stop(child, inner.config.stop_timeout);
+            stop(inner, child);
             Err(UpgradeError::Draining {
                 pid: std::process::id(),
             })
         }
         Err(e) => {
-            stop(child, inner.config.stop_timeout);
+            stop(inner, child);
             Err(e)
         }
     }
@@ -413,15 +413,26 @@ fn spawn_child(
 }
 
 /// Stops a rolled-back process: `SIGTERM` (it drains what it may have accepted), then
-/// `SIGKILL` after `grace`; reaped in the background.
-fn stop(mut child: crate::spawn::SpawnedChild, grace: Duration) {
+/// `SIGKILL` after the stop timeout; reaped in the background. Once it is gone, the
+/// listeners it shared are made non-blocking again if it had changed them.
+fn stop(inner: &Arc<Inner>, mut child: crate::spawn::SpawnedChild) {
+    let grace = inner.config.stop_timeout;
     child.signal(libc::SIGTERM);
+    inner
+        .listeners()
+        .restore_nonblocking("after the failed upgrade");
+    let inner = inner.clone();
     tokio::spawn(async move {
         if tokio::time::timeout(grace, child.wait()).await.is_err() {
-            tracing::warn!("the rolled-back process ignored SIGTERM for {grace:?}: killing it");
+            crate::log::warning!(
+                "the rolled-back process ignored SIGTERM for {grace:?}: killing it"
+            );
             child.signal(libc::SIGKILL);
             let _ = child.wait().await;
         }
+        inner
+            .listeners()
+            .restore_nonblocking("after the failed upgrade");
     });
 }
 

@@ -122,3 +122,29 @@ fn signals_still_work_when_stderr_is_a_closed_pipe() {
         });
     }
 }
+
+/// A new version that puts the listening socket it inherited in blocking mode and then
+/// fails: `O_NONBLOCK` lives on the open file description that both processes share, so
+/// the old process's socket is now blocking too. It is mended after the failed upgrade,
+/// with a warning, and the old process's next drain does not hang in `accept(2)`.
+#[test]
+fn a_failed_version_that_made_the_listener_blocking_does_not_hang_the_next_drain() {
+    let mut server = common::Server::start(&["--drain-timeout-ms", "60000"]);
+    let old = server.proc.pid();
+    server.deploy_variant("\nknob:block-listeners-and-exit=1\n");
+    signal(old, libc::SIGHUP);
+    server.proc.wait_line("the failed upgrade", |l| {
+        l.contains("upgrade failed").then_some(())
+    });
+    server.proc.wait_line("the listener mended", |l| {
+        l.contains("made it non-blocking again").then_some(())
+    });
+    assert_eq!(common::body_pid(&server.get("/ping").body), Some(old));
+    // The drain sweeps the accept queue until it is empty: with a blocking socket, the
+    // last accept would wait for a connection forever.
+    signal(old, libc::SIGTERM);
+    wait_for("the old process to drain and exit", PATIENCE, || {
+        (!alive(old)).then_some(())
+    });
+    server.stop_current();
+}
