@@ -3,6 +3,8 @@
 //!
 //! `GET /ping` answers `pong <digest> pid=<pid>` (the digest is of the executable file
 //! itself, so a changed binary answers differently); `?sleep_ms=N` waits first.
+//! `GET /block?ms=N` blocks its runtime thread for N ms (as a handler that calls blocking
+//! code in async code does) before it answers.
 //! Hooks print `hook: <when> <signal>` lines.
 //!
 //! A binary can carry knobs of its own, appended to the file (a bad deploy is a bad
@@ -35,6 +37,11 @@ macro_rules! esay {
 use axum::{Router, extract::Query, routing::get};
 
 #[derive(serde::Deserialize)]
+struct BlockParams {
+    ms: u64,
+}
+
+#[derive(serde::Deserialize)]
 struct PingParams {
     sleep_ms: Option<u64>,
 }
@@ -48,6 +55,7 @@ struct Args {
     idle_grace: Option<Duration>,
     ready_delay: Option<Duration>,
     probation: Option<Duration>,
+    hammer_grace: Option<Duration>,
     panic_on_usr1: bool,
 }
 
@@ -61,6 +69,7 @@ fn parse_args() -> Result<Args, String> {
         idle_grace: None,
         ready_delay: None,
         probation: None,
+        hammer_grace: None,
         panic_on_usr1: false,
     };
     let mut it = std::env::args().skip(1);
@@ -80,6 +89,7 @@ fn parse_args() -> Result<Args, String> {
             "--idle-grace-ms" => a.idle_grace = Some(ms(value()?)?),
             "--ready-delay-ms" => a.ready_delay = Some(ms(value()?)?),
             "--probation-ms" => a.probation = Some(ms(value()?)?),
+            "--hammer-grace-ms" => a.hammer_grace = Some(ms(value()?)?),
             "--panic-on-usr1" => a.panic_on_usr1 = true,
             other => return Err(format!("unknown flag {other}")),
         }
@@ -167,6 +177,9 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(d) = args.probation {
         builder = builder.probation(d);
     }
+    if let Some(d) = args.hammer_grace {
+        builder = builder.hammer_grace(d);
+    }
     if me.abort_after_ready.is_some() || me.fail_ready_check.is_some() {
         let (abort, fail) = (me.abort_after_ready, me.fail_ready_check.clone());
         builder = builder.ready_check(move || {
@@ -225,19 +238,28 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
         None => None,
     };
     let digest = me.digest;
-    let app = Router::new().route(
-        "/ping",
-        get(move |Query(p): Query<PingParams>| {
-            let digest = digest.clone();
-            async move {
-                if let Some(ms) = p.sleep_ms {
-                    say!("slow request started: {ms} ms");
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let app = Router::new()
+        .route(
+            "/block",
+            get(|Query(p): Query<BlockParams>| async move {
+                say!("blocking a runtime thread for {} ms", p.ms);
+                std::thread::sleep(Duration::from_millis(p.ms));
+                "unblocked"
+            }),
+        )
+        .route(
+            "/ping",
+            get(move |Query(p): Query<PingParams>| {
+                let digest = digest.clone();
+                async move {
+                    if let Some(ms) = p.sleep_ms {
+                        say!("slow request started: {ms} ms");
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    format!("pong {digest} pid={pid}")
                 }
-                format!("pong {digest} pid={pid}")
-            }
-        }),
-    );
+            }),
+        );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -14,16 +14,20 @@
 //! * **HTTP/2**: a graceful GOAWAY at once (two-step: the client learns to open no new
 //!   streams, then the last stream ID is set); open streams finish.
 //! * **At the hammer** (drain deadline, `SIGUSR2`): the connection is dropped.
+//!
+//! Each connection is registered with who it is from and which request it is in, so that
+//! a process that cannot finish (a handler blocking a runtime thread ignores the hammer)
+//! can say what was still open when it exits anyway (see `Builder::hammer_grace`).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use atomic_waker::AtomicWaker;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
@@ -130,7 +134,7 @@ pub(crate) struct DrainControl {
     tx: watch::Sender<Phase>,
     flags: &'static PhaseFlags,
     reason: std::sync::Mutex<Option<DrainReason>>,
-    conns: std::sync::Mutex<HashMap<u64, Arc<AtomicWaker>>>,
+    conns: std::sync::Mutex<HashMap<u64, Arc<ConnRecord>>>,
     next_conn: AtomicU64,
     /// Counts resumptions: a drain deadline armed before one no longer applies.
     epoch: AtomicU64,
@@ -197,8 +201,8 @@ impl DrainControl {
     /// later reads the new phase itself.
     fn wake_all(&self) {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        for waker in conns.values() {
-            waker.wake();
+        for conn in conns.values() {
+            conn.waker.wake();
         }
     }
 
@@ -254,20 +258,84 @@ impl DrainControl {
         self.advance(Phase::Hammer)
     }
 
-    /// Registers a connection for phase changes.
-    pub(crate) fn watch(self: &Arc<Self>) -> PhaseWatch {
+    /// Registers a connection from `peer` (for the record) for phase changes.
+    pub(crate) fn watch(self: &Arc<Self>, peer: String) -> PhaseWatch {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let waker = Arc::new(AtomicWaker::new());
+        let record = Arc::new(ConnRecord {
+            waker: AtomicWaker::new(),
+            peer,
+            since: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_request: std::sync::Mutex::new(None),
+        });
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, waker.clone());
+            .insert(id, record.clone());
         PhaseWatch {
             control: self.clone(),
             id,
-            waker,
+            record,
             seen: Phase::Serving,
         }
+    }
+
+    /// The connections still open, one line each (peer, age, the request it is in), the
+    /// oldest first.
+    pub(crate) fn open_connections(&self) -> Vec<String> {
+        let mut records: Vec<Arc<ConnRecord>> = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        records.sort_by_key(|r| r.since);
+        records.iter().map(|r| r.describe()).collect()
+    }
+}
+
+/// What is known of one open connection.
+#[derive(Debug)]
+struct ConnRecord {
+    waker: AtomicWaker,
+    /// Who it is from: `IP:port`, or a Unix-socket client.
+    peer: String,
+    since: Instant,
+    /// Requests whose handler has not answered yet.
+    in_flight: AtomicUsize,
+    /// The last request started on it: method and path, and when.
+    last_request: std::sync::Mutex<Option<(String, Instant)>>,
+}
+
+impl ConnRecord {
+    fn describe(&self) -> String {
+        let open = self.since.elapsed().as_secs_f64();
+        let busy = self.in_flight.load(Ordering::SeqCst);
+        let last = self
+            .last_request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match (busy, last) {
+            (0, _) => format!("{} (open {open:.1} s, between requests)", self.peer),
+            (n, Some((request, at))) => format!(
+                "{} (open {open:.1} s, {n} request{} unanswered: {request} for {:.1} s)",
+                self.peer,
+                if n == 1 { "" } else { "s" },
+                at.elapsed().as_secs_f64()
+            ),
+            (n, None) => format!("{} (open {open:.1} s, {n} requests unanswered)", self.peer),
+        }
+    }
+}
+
+/// Counts a request as unanswered while it lives.
+struct InFlight(Arc<ConnRecord>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -275,7 +343,7 @@ impl DrainControl {
 pub(crate) struct PhaseWatch {
     control: Arc<DrainControl>,
     id: u64,
-    waker: Arc<AtomicWaker>,
+    record: Arc<ConnRecord>,
     seen: Phase,
 }
 
@@ -284,7 +352,7 @@ impl PhaseWatch {
     /// phase at once if it is not `Serving`).
     pub(crate) fn changed(&mut self) -> impl Future<Output = Phase> + '_ {
         std::future::poll_fn(move |cx| {
-            self.waker.register(cx.waker());
+            self.record.waker.register(cx.waker());
             let now = self.control.flags.phase();
             if now != self.seen {
                 self.seen = now;
@@ -323,6 +391,7 @@ pub(crate) struct DrainService<S> {
     inner: S,
     flags: &'static PhaseFlags,
     facts: Arc<ConnFacts>,
+    record: Arc<ConnRecord>,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for DrainService<S>
@@ -338,9 +407,18 @@ where
         if !http1 {
             self.facts.http2.store(true, Ordering::Relaxed);
         }
+        self.record.in_flight.fetch_add(1, Ordering::SeqCst);
+        *self
+            .record
+            .last_request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            Some((format!("{} {}", req.method(), req.uri()), Instant::now()));
+        let in_flight = InFlight(self.record.clone());
         DrainFuture {
             inner: self.inner.call(req),
             close_when_draining: http1.then_some(&self.flags.draining),
+            _in_flight: in_flight,
         }
     }
 }
@@ -351,6 +429,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         close_when_draining: Option<&'static AtomicBool>,
+        _in_flight: InFlight,
     }
 }
 
@@ -394,6 +473,7 @@ pub(crate) async fn serve_connection<IO, S, B>(
         inner: service,
         flags: phase.flags(),
         facts: facts.clone(),
+        record: phase.record.clone(),
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);

@@ -127,7 +127,7 @@ pub use drain::{Phase, Shutdown};
 pub use error::{Error, Result};
 pub use listeners::{ListenAddr, Listener};
 pub use serve::{BoxError, Connection, HttpBody, HttpService};
-pub use server::{Builder, ReadyMode, Reborn};
+pub use server::{Builder, EXIT_DRAIN_OVERRUN, ReadyMode, Reborn};
 pub use signals::Signal;
 pub use upgrade::{UpgradeError, Upgraded};
 

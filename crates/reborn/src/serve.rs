@@ -139,6 +139,7 @@ impl Reborn {
     {
         let inner = &self.inner;
         inner.start()?;
+        let _serving = ActiveServe::count(inner);
         let addr = listener.local_addr();
         let accepting = match listener.into_socket() {
             ListenerSocket::Tcp(l) => tokio::net::TcpListener::from_std(l).map(Accepting::Tcp),
@@ -212,6 +213,26 @@ impl Reborn {
     }
 }
 
+/// Counts a running `serve` (see `Builder::hammer_grace`) while it lives.
+struct ActiveServe<'a>(&'a Inner);
+
+impl<'a> ActiveServe<'a> {
+    fn count(inner: &'a Inner) -> Self {
+        inner
+            .active_serves
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ActiveServe(inner)
+    }
+}
+
+impl Drop for ActiveServe<'_> {
+    fn drop(&mut self) {
+        self.0
+            .active_serves
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// An accepted connection, before any protocol runs on it.
 #[derive(Debug)]
 pub enum Connection {
@@ -243,6 +264,21 @@ impl Connection {
             let _ = stream.set_nodelay(true);
         }
         Connection::Tcp(stream)
+    }
+
+    /// Who the connection is from, for logs: `IP:port`, or a Unix-socket client and its
+    /// process.
+    fn peer(&self) -> String {
+        match self {
+            Connection::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "a TCP client".into()),
+            Connection::Unix(s) => match s.peer_cred().ok().and_then(|c| c.pid()) {
+                Some(pid) => format!("a Unix-socket client (pid {pid})"),
+                None => "a Unix-socket client".into(),
+            },
+        }
     }
 }
 
@@ -352,8 +388,8 @@ impl<H, S> Connections<H, S> {
         let builder = self.builder.clone();
         let service = self.service.clone();
         let shutdown = self.inner.drain.shutdown();
-        let drain = self.inner.drain.clone();
         let grace = self.inner.config.idle_grace;
+        let phase = self.inner.drain.watch(conn.peer());
         let handshake = (self.handshake)(conn);
         self.tracker.spawn(async move {
             let io = tokio::select! {
@@ -370,7 +406,7 @@ impl<H, S> Connections<H, S> {
                 },
                 () = shutdown.hammered() => return,
             };
-            crate::drain::serve_connection(builder, io, service, drain.watch(), grace).await
+            crate::drain::serve_connection(builder, io, service, phase, grace).await
         });
     }
 }

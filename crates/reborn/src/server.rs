@@ -26,6 +26,12 @@ pub enum ReadyMode {
     Manual,
 }
 
+/// How long after the hammer a process may take to finish before it exits anyway.
+const DEFAULT_HAMMER_GRACE: Duration = Duration::from_secs(5);
+
+/// The exit status of a process that could not finish its drain by the hammer grace.
+pub const EXIT_DRAIN_OVERRUN: i32 = 75;
+
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) drain_timeout: Duration,
@@ -39,6 +45,7 @@ pub(crate) struct Config {
     pub(crate) tcp_nodelay: bool,
     pub(crate) executable: Option<PathBuf>,
     pub(crate) probation: Duration,
+    pub(crate) hammer_grace: Duration,
 }
 
 impl Default for Config {
@@ -55,6 +62,7 @@ impl Default for Config {
             tcp_nodelay: true,
             executable: None,
             probation: crate::probation::DEFAULT_PROBATION,
+            hammer_grace: DEFAULT_HAMMER_GRACE,
         }
     }
 }
@@ -102,6 +110,23 @@ impl Builder {
     /// endless's hammer time.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// How long after the hammer (the drain deadline, or `SIGUSR2`) the process may still
+    /// take to finish. Default 5 s.
+    ///
+    /// The hammer drops every connection, but a handler that blocks a runtime thread
+    /// (`std::thread::sleep`, a blocking lock or read in async code) is never polled again
+    /// and does not notice: `serve` would wait for it forever, and old generations would
+    /// pile up. So once the grace is over, with a `serve` still waiting, the process exits
+    /// with status [`EXIT_DRAIN_OVERRUN`] (75), after logging at ERROR which connections
+    /// were still open: their peers, how long they were open, and the request each was
+    /// in. The watch runs on a thread of its own, so a blocked runtime cannot stop it.
+    /// A process whose every `serve` has returned is never exited this way: what the
+    /// program does after serving is its own business.
+    pub fn hammer_grace(mut self, grace: Duration) -> Self {
+        self.config.hammer_grace = grace;
         self
     }
 
@@ -269,6 +294,8 @@ impl Builder {
             drain: Arc::new(DrainControl::new()),
             ready: AtomicBool::new(false),
             serving: AtomicUsize::new(0),
+            active_serves: AtomicUsize::new(0),
+            hammer_watch: AtomicBool::new(false),
             sigint_seen: AtomicBool::new(false),
             started: OnceLock::new(),
             on_terminal: crate::signals::on_terminal(),
@@ -341,6 +368,10 @@ pub(crate) struct Inner {
     pub(crate) drain: Arc<DrainControl>,
     pub(crate) ready: AtomicBool,
     pub(crate) serving: AtomicUsize,
+    /// Calls of `serve` that have not returned yet.
+    pub(crate) active_serves: AtomicUsize,
+    /// Whether the watch that ends the process after the hammer runs.
+    hammer_watch: AtomicBool,
     sigint_seen: AtomicBool,
     started: OnceLock<()>,
     /// Which of stdin, stdout, stderr were terminals at start-up.
@@ -386,31 +417,74 @@ impl Inner {
         let deadline = self.config.drain_timeout;
         let inner = self.clone();
         let epoch = self.drain.epoch();
-        let at_deadline = move || {
-            // A drain this process resumed from (probation) has no deadline any more.
-            if inner.drain.epoch() == epoch && inner.drain.hammer() {
-                inner.probation.end();
-                tracing::warn!(
-                    "drain deadline of {deadline:?} reached: closing the connections that are left"
-                );
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(async move {
-                    tokio::time::sleep(deadline).await;
-                    at_deadline();
-                });
-            }
-            // Called outside a runtime: a thread keeps the deadline.
-            Err(_) => {
-                std::thread::spawn(move || {
-                    std::thread::sleep(deadline);
-                    at_deadline();
-                });
-            }
+        // A thread keeps the deadline, not a task: a runtime whose threads a handler
+        // blocks would never wake the task.
+        let spawned = std::thread::Builder::new()
+            .name("reborn-drain-deadline".into())
+            .spawn(move || {
+                std::thread::sleep(deadline);
+                // A drain this process resumed from (probation) has no deadline any more.
+                if inner.drain.epoch() == epoch && inner.drain.hammer() {
+                    inner.probation.end();
+                    crate::log::warning!(
+                        "drain deadline of {deadline:?} reached: closing the connections that are left"
+                    );
+                    inner.watch_after_hammer();
+                }
+            });
+        if let Err(e) = spawned {
+            crate::log::error!("cannot start the thread that keeps the drain deadline: {e}");
         }
         true
+    }
+
+    /// After the hammer: gives the process the hammer grace to finish, then, if a
+    /// `serve` is still waiting for connections that ignore the hammer, names them and
+    /// exits. Runs once.
+    fn watch_after_hammer(self: &Arc<Self>) {
+        if self.hammer_watch.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let inner = self.clone();
+        let grace = self.config.hammer_grace;
+        let spawned = std::thread::Builder::new()
+            .name("reborn-hammer-grace".into())
+            .spawn(move || {
+                std::thread::sleep(grace);
+                if inner.active_serves.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                let open = inner.drain.open_connections();
+                let shown = open.len().min(20);
+                let more = match open.len() - shown {
+                    0 => String::new(),
+                    n => format!("; and {n} more"),
+                };
+                crate::log::error!(
+                    "the hammer was {grace:?} ago and {} connection(s) are still open (a handler \
+                     that blocks a runtime thread never sees it): exiting with status \
+                     {EXIT_DRAIN_OVERRUN}. Still open: {}{more}",
+                    open.len(),
+                    if open.is_empty() {
+                        "none registered (a blocked task of the program's own?)".to_owned()
+                    } else {
+                        open[..shown].join(", ")
+                    }
+                );
+                if let Some(manager) = inner.notify.manager() {
+                    let _ = crate::notify::send(
+                        manager,
+                        &format!(
+                            "STATUS=exiting: {} connection(s) still open after the hammer\n",
+                            open.len()
+                        ),
+                    );
+                }
+                std::process::exit(EXIT_DRAIN_OVERRUN);
+            });
+        if let Err(e) = spawned {
+            crate::log::error!("cannot start the thread that ends a stuck drain: {e}");
+        }
     }
 
     /// Waits out a probation of the successor, if one runs; true if this process took
@@ -446,11 +520,12 @@ impl Inner {
     }
 
     /// Closes everything now.
-    pub(crate) fn hammer(&self) {
+    pub(crate) fn hammer(self: &Arc<Self>) {
         self.probation.end();
         if self.drain.hammer() {
             tracing::warn!("hammer: closing every connection now");
             self.listeners().close_all();
+            self.watch_after_hammer();
         }
     }
 
@@ -505,6 +580,7 @@ impl Inner {
                 self.probation.end();
                 if self.drain.hammer() {
                     self.listeners().close_all();
+                    self.watch_after_hammer();
                 }
             }
             // An upgrade logs all along its way: with logging broken it cannot be run

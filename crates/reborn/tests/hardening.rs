@@ -148,3 +148,37 @@ fn a_failed_version_that_made_the_listener_blocking_does_not_hang_the_next_drain
     });
     server.stop_current();
 }
+
+/// A handler that blocks a runtime thread never sees the hammer, so `serve` would wait
+/// for it forever and generations would pile up. After the drain deadline and the hammer
+/// grace, the old generation exits anyway (status 75), naming what was still open.
+#[test]
+fn a_handler_that_blocks_a_runtime_thread_cannot_keep_an_old_generation_past_the_deadline() {
+    let mut server = common::Server::start(&[
+        "--drain-timeout-ms",
+        "500",
+        "--hammer-grace-ms",
+        "1000",
+        "--probation-ms",
+        "0",
+    ]);
+    let old = server.proc.pid();
+    let addr = server.addr;
+    let client = std::thread::spawn(move || reborn_testkit::get(addr, "/block?ms=600000"));
+    server.proc.wait_line("the handler to block", |l| {
+        l.contains("blocking a runtime thread").then_some(())
+    });
+    server.deploy_variant("v2");
+    signal(old, libc::SIGHUP);
+    let new = server.wait_new_pid(old);
+    let code = server.proc.wait_exit(PATIENCE);
+    let output = server.proc.output();
+    assert_eq!(code, Some(reborn::EXIT_DRAIN_OVERRUN), "{output}");
+    assert!(
+        output.contains("Still open: 127.0.0.1:") && output.contains("GET /block?ms=600000 for"),
+        "the open connection is named, with its request:\n{output}"
+    );
+    assert!(client.join().expect("client thread").is_err(), "cut");
+    assert_eq!(common::body_pid(&server.get("/ping").body), Some(new));
+    server.stop_current();
+}
