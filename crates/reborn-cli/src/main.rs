@@ -164,9 +164,12 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
     let pid_file = args.pid_file;
+    // What this process made, removed at its exit; nothing that another master made.
+    let mut made = paths::RuntimeFiles::new();
     let result = runtime.block_on(async {
         let signals = supervisor::MasterSignals::install()?;
         let control = control::bind(&control_path)?;
+        made.made(&control_path);
         tracing::info!("control socket: {}", control_path.display());
         if let Some(path) = &pid_file {
             paths::write_pid_file(path, std::process::id()).map_err(|e| {
@@ -178,6 +181,7 @@ fn run(args: RunArgs) -> ExitCode {
                     ),
                 )
             })?;
+            made.made(path);
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         control::serve(control, tx.clone());
@@ -189,10 +193,7 @@ fn run(args: RunArgs) -> ExitCode {
             .run(signals, rx)
             .await
     });
-    let _ = std::fs::remove_file(&control_path);
-    if let Some(path) = &pid_file {
-        let _ = std::fs::remove_file(path);
-    }
+    drop(made);
     // Ends the tasks still holding `reborn stop` connections: their clients see EOF.
     drop(runtime);
     match result {

@@ -1,0 +1,69 @@
+//! The master's hardening (issue 9), with real processes: a refused second master leaves
+//! the running one's files alone; `reborn stop` is answered when no worker lives; a
+//! program that cannot start fails the master at once; workers run in process groups of
+//! their own; messages say what happened and what to do; the control socket caps its
+//! connections; a worker that does not use the master's listeners is loud; stale notify
+//! directories are swept; a liveness probe restarts a hung worker.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Command;
+
+use common::{Master, bench_server, ping, reborn, tempdir};
+use reborn_testkit::{PATIENCE, Proc, alive, copy_to, replace_with_script, signal, wait_for};
+
+/// `reborn run` of the demo server, serving.
+fn start_app(dir: &Path, opts: &[&str]) -> (Master, std::path::PathBuf) {
+    let app = copy_to(&bench_server(), dir, "app");
+    let master = Master::start(
+        dir,
+        opts,
+        &[
+            app.as_os_str(),
+            OsStr::new("--addr"),
+            OsStr::new("127.0.0.1:0"),
+        ],
+    );
+    master.wait_serving();
+    (master, app)
+}
+
+/// A second `reborn run` under the same control socket is refused, and on its way out
+/// leaves the running master's control socket and PID file in place: the running master
+/// can still be queried, upgraded and stopped.
+#[test]
+fn refused_second_master_leaves_the_first_ones_files() {
+    let dir = tempdir();
+    let pid_file = dir.path().join("app.pid");
+    let pid_arg = pid_file.to_str().unwrap().to_owned();
+    let (mut master, app) = start_app(dir.path(), &["--pid-file", &pid_arg]);
+    wait_for("the PID file", PATIENCE, || pid_file.exists().then_some(()));
+
+    let out = Command::new(reborn())
+        .arg("run")
+        .arg("--control")
+        .arg(&master.control)
+        .args(["--pid-file", &pid_arg, "--listen", "127.0.0.1:0", "--"])
+        .arg(&app)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("another reborn master is running"), "{err}");
+
+    assert!(master.control.exists(), "the running master's control socket");
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        master.pid().to_string(),
+        "the running master's PID file"
+    );
+    assert_eq!(master.status()["state"], "serving");
+    let (ok, text) = master.upgrade();
+    assert!(ok, "{text}");
+    let out = master.client("stop", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(master.proc.wait_exit(PATIENCE), Some(0));
+    assert!(!master.control.exists() && !pid_file.exists(), "removed by their owner");
+}
