@@ -11,12 +11,14 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc::UnboundedSender, oneshot};
+use tokio::sync::{Notify, mpsc::UnboundedSender, oneshot};
 
 use crate::supervisor::Event;
 
@@ -188,13 +190,65 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The control connections being answered, for the master to let every answer it gave
+/// reach its client before it exits.
+#[derive(Debug, Clone, Default)]
+pub struct Answers {
+    inner: Arc<AnswersInner>,
+}
+
+#[derive(Debug, Default)]
+struct AnswersInner {
+    /// Requests read and not answered on the wire yet.
+    pending: AtomicUsize,
+    /// Woken when `pending` drops to 0.
+    done: Notify,
+}
+
+/// One request being answered; counted while it lives.
+struct Answering(Arc<AnswersInner>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if self.0.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.done.notify_waiters();
+        }
+    }
+}
+
+impl Answers {
+    fn begin(&self) -> Answering {
+        self.inner.pending.fetch_add(1, Ordering::SeqCst);
+        Answering(self.inner.clone())
+    }
+
+    /// Waits until every request read so far has its answer written (the supervisor has
+    /// answered or dropped each), or `timeout` passes. Run after the supervisor has
+    /// returned, so that, e.g., the answer to the `stop` that ended it is not lost with
+    /// the runtime.
+    pub async fn settle(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, async {
+            loop {
+                let done = self.inner.done.notified();
+                if self.inner.pending.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                done.await;
+            }
+        })
+        .await;
+    }
+}
+
 /// Answers control connections until the runtime ends.
-pub fn serve(listener: UnixListener, events: UnboundedSender<Event>) {
+pub fn serve(listener: UnixListener, events: UnboundedSender<Event>) -> Answers {
+    let answers = Answers::default();
+    let counted = answers.clone();
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(handle(stream, events.clone()));
+                    tokio::spawn(handle(stream, events.clone(), counted.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "control socket: accept failed");
@@ -203,9 +257,12 @@ pub fn serve(listener: UnixListener, events: UnboundedSender<Event>) {
             }
         }
     });
+    answers
 }
 
-async fn handle(stream: UnixStream, events: UnboundedSender<Event>) {
+async fn handle(stream: UnixStream, events: UnboundedSender<Event>, answers: Answers) {
+    // Counted from before the request is read until its answer is written.
+    let answering = answers.begin();
     let me = nix::unistd::geteuid().as_raw();
     let peer = stream.peer_cred().map(|c| c.uid()).ok();
     let (read, mut write) = stream.into_split();
@@ -240,6 +297,7 @@ async fn handle(stream: UnixStream, events: UnboundedSender<Event>) {
     if write.write_all(text.as_bytes()).await.is_err() {
         return;
     }
+    drop(answering);
     if stop {
         // Keep the connection until the master exits: the client waits for EOF.
         std::future::pending::<()>().await;

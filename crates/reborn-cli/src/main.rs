@@ -32,6 +32,7 @@ mod supervisor;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -184,14 +185,18 @@ fn run(args: RunArgs) -> ExitCode {
             made.made(path);
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        control::serve(control, tx.clone());
+        let answers = control::serve(control, tx.clone());
         let spawner = spawner::Spawner::start(sockets, tx.clone())?;
         if upstream.is_active() {
             tracing::info!("reporting to the service manager through NOTIFY_SOCKET");
         }
-        supervisor::Supervisor::new(cfg, tx, spawner, upstream)
+        let result = supervisor::Supervisor::new(cfg, tx, spawner, upstream)
             .run(signals, rx)
-            .await
+            .await;
+        // The answers given (the `stop` that ended the loop among them) reach their
+        // clients before the runtime, and the tasks writing them, go.
+        answers.settle(Duration::from_secs(2)).await;
+        result
     });
     drop(made);
     // Ends the tasks still holding `reborn stop` connections: their clients see EOF.

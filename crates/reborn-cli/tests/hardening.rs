@@ -67,3 +67,41 @@ fn refused_second_master_leaves_the_first_ones_files() {
     assert_eq!(master.proc.wait_exit(PATIENCE), Some(0));
     assert!(!master.control.exists() && !pid_file.exists(), "removed by their owner");
 }
+
+/// `reborn stop` while no worker lives (a crash loop, waiting out its back-off): the
+/// master stops at once, and the client gets its answer and exits 0.
+#[test]
+fn stop_with_no_worker_alive_is_answered() {
+    let dir = tempdir();
+    let script = dir.path().join("flaky.sh");
+    // Serves the first time; every later start fails at once.
+    replace_with_script(
+        &script,
+        &format!(
+            "#!/bin/sh\nif [ -e {m} ]; then exit 1; fi\ntouch {m}\nexec sleep 600\n",
+            m = dir.path().join("started").display()
+        ),
+    );
+    let mut master = Master::start(
+        dir.path(),
+        &["--ready", "delay:100ms", "--backoff-max", "5s"],
+        &[script.as_os_str()],
+    );
+    let first = master.wait_serving();
+    signal(first, libc::SIGKILL);
+    // Crashes in a row grow the back-off (0.1, 0.2, 0.4, 0.8s…): wait for a long one.
+    wait_for("a long back-off with no worker", PATIENCE, || {
+        let s = master.status();
+        (s["crashes_in_a_row"].as_u64()? >= 4 && s["workers"].as_array()?.is_empty())
+            .then_some(())
+    });
+    let out = master.client("stop", &[]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}\n{}", master.proc.output());
+    assert!(text.contains("stopping the master"), "{text}");
+    assert_eq!(master.proc.wait_exit(PATIENCE), Some(0));
+}
