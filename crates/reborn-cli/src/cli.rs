@@ -73,7 +73,9 @@ and RELOADING=1 … READY=1 around each upgrade; when systemd passes sockets to 
 (socket activation) they are handed on first.
 
 Exit status: 0 after a stop (SIGTERM, SIGINT, `reborn stop`); 1 when the master cannot
-start (program not found, address in use, bad control socket...); 2 for a usage error.
+start (program not found, address in use, bad control socket...) or its first worker
+exits before it was ever ready (the program cannot start: it is not retried); 2 for a
+usage error.
 Set REBORN_LOG=debug|info|warn|error for more or less logging (on stderr).";
 
 const CONTROL_AFTER: &str = "\

@@ -256,6 +256,9 @@ pub struct Supervisor {
     pinned: Option<(u64, Arc<Binary>)>,
     /// `reborn upgrade` clients waiting for the end of a new worker's probation.
     probation_waiters: Vec<(u64, oneshot::Sender<Reply>)>,
+    /// Why the master gives up (the first worker could not start at all): the loop ends
+    /// and the master exits non-zero with this reason.
+    fatal: Option<String>,
 }
 
 /// Formats a duration for people: `85ms`, `2.5s`.
@@ -299,6 +302,7 @@ impl Supervisor {
             ever_ready: false,
             pinned: None,
             probation_waiters: Vec::new(),
+            fatal: None,
         }
     }
 
@@ -338,6 +342,10 @@ impl Supervisor {
                     Some(event) => self.handle(event),
                     None => break,
                 },
+            }
+            if let Some(reason) = self.fatal.take() {
+                self.upstream.status(reason.clone());
+                return Err(io::Error::other(reason));
             }
             if self.stopping && self.workers.is_empty() && self.spawning == 0 {
                 break;
@@ -854,6 +862,16 @@ impl Supervisor {
                     self.schedule_restart();
                 }
             }
+            Role::Starting(Purpose::Replace) if self.first_start_failed() => {
+                // Like supervisord's `startsecs`: a program that cannot start at all
+                // (a bad flag, a missing library) is not retried forever.
+                self.fatal = Some(format!(
+                    "the program cannot start: its first worker, {label}, {reason}{when}; \
+                     the master gives up (only a worker that was ready once is restarted \
+                     after a crash). Its own output above says why; fix the program or \
+                     its arguments, then run the master again"
+                ));
+            }
             Role::Starting(Purpose::Replace) => {
                 tracing::warn!(worker = %label, "the worker {reason}{when}");
                 self.note_crash(None);
@@ -882,6 +900,13 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Whether the worker that just went was the first start, failed: no worker was
+    /// ever ready, none other is alive or starting (an upgrade may still make it), and
+    /// the master is not stopping.
+    fn first_start_failed(&self) -> bool {
+        !self.ever_ready && !self.stopping && self.workers.is_empty() && self.spawning == 0
     }
 
     fn note_crash(&mut self, ready_at: Option<Instant>) {

@@ -105,3 +105,36 @@ fn stop_with_no_worker_alive_is_answered() {
     assert!(text.contains("stopping the master"), "{text}");
     assert_eq!(master.proc.wait_exit(PATIENCE), Some(0));
 }
+
+/// A program that cannot start at all (it exits before it is ever ready, or cannot be
+/// executed) fails the master at once, non-zero, with the worker's reason; it is not
+/// retried forever. (Crashes after a worker was once ready keep their back-off: see
+/// `failures.rs`.)
+#[test]
+fn first_start_failure_fails_the_master_fast() {
+    let dir = tempdir();
+    let bad_flag = dir.path().join("bad-flag.sh");
+    replace_with_script(
+        &bad_flag,
+        "#!/bin/sh\necho 'unknown flag --frobnicate' >&2\nexit 3\n",
+    );
+    let not_a_program = dir.path().join("not-a-program");
+    replace_with_script(&not_a_program, "this is not a program\n");
+    for (program, reason) in [
+        (&bad_flag, "exited with status 3 before it was ready"),
+        (&not_a_program, "could not be started"),
+    ] {
+        let mut cmd = Command::new(reborn());
+        cmd.args(["run", "--listen", "127.0.0.1:0", "--control"])
+            .arg(dir.path().join("ctl.sock"))
+            .args(["--backoff-max", "100ms", "--"])
+            .arg(program);
+        let mut master = Proc::start(cmd);
+        let code = master.wait_exit(PATIENCE);
+        let out = master.output();
+        assert_eq!(code, Some(1), "{out}");
+        assert!(out.contains("error: the program cannot start"), "{out}");
+        assert!(out.contains(reason), "{out}");
+        assert!(!out.contains("restarting the worker"), "not retried: {out}");
+    }
+}
