@@ -12,6 +12,7 @@
 //! * [`listen`]: the listening sockets (from systemd or bound);
 //! * [`spawner`]: forking workers from one long-lived thread (parent-death signal);
 //! * [`reaper`]: collecting exit statuses in one place, orphans included;
+//! * [`groups`]: the workers' process groups (signalled whole, leftovers found);
 //! * [`readiness`]: notify messages and readiness probes;
 //! * [`supervisor`]: the state machine of workers, upgrades, crashes and stop;
 //! * [`control`]: the control socket and its protocol (`upgrade`, `status`, `stop`);
@@ -20,6 +21,7 @@
 
 mod cli;
 mod control;
+mod groups;
 mod listen;
 mod paths;
 mod pinned;

@@ -30,6 +30,7 @@ use tokio::task::AbortHandle;
 use crate::cli::ReadyMode;
 use crate::control::{ListenerStatus, Reply, Request, Status, UpgradeStatus, WorkerStatus};
 use crate::pinned::Binary;
+use crate::groups;
 use crate::reaper;
 use crate::sdnotify::Upstream;
 use crate::spawner::{SpawnJob, Spawner};
@@ -100,6 +101,11 @@ pub enum Event {
     ProbationOver {
         /// The worker's generation.
         generation: u64,
+    },
+    /// The deadline of the processes a worker left behind in its group passed.
+    GroupDeadline {
+        /// The group (the gone worker's PID).
+        pgid: u32,
     },
     /// A draining worker's deadline passed.
     DrainDeadline {
@@ -259,6 +265,16 @@ pub struct Supervisor {
     /// Why the master gives up (the first worker could not start at all): the loop ends
     /// and the master exits non-zero with this reason.
     fatal: Option<String>,
+    /// Groups whose leader (a worker) has gone while other processes of the group live:
+    /// they are being stopped; `SIGKILL` at their deadline, or when the master exits.
+    lingering: BTreeMap<u32, Lingering>,
+}
+
+/// What a gone worker left behind in its process group.
+#[derive(Debug)]
+struct Lingering {
+    label: String,
+    deadline: AbortHandle,
 }
 
 /// Formats a duration for people: `85ms`, `2.5s`.
@@ -303,6 +319,7 @@ impl Supervisor {
             pinned: None,
             probation_waiters: Vec::new(),
             fatal: None,
+            lingering: BTreeMap::new(),
         }
     }
 
@@ -345,13 +362,19 @@ impl Supervisor {
             }
             if let Some(reason) = self.fatal.take() {
                 self.upstream.status(reason.clone());
+                self.kill_lingering();
                 return Err(io::Error::other(reason));
             }
-            if self.stopping && self.workers.is_empty() && self.spawning == 0 {
+            if self.stopping
+                && self.workers.is_empty()
+                && self.spawning == 0
+                && self.lingering.is_empty()
+            {
                 break;
             }
         }
         tracing::info!("every worker has exited; the master exits");
+        self.kill_lingering();
         Ok(())
     }
 
@@ -365,6 +388,7 @@ impl Supervisor {
             Event::ProbeReady { generation } => self.on_ready(generation, "probe"),
             Event::ReadyTimeout { generation } => self.on_ready_timeout(generation),
             Event::DrainDeadline { generation } => self.on_drain_deadline(generation),
+            Event::GroupDeadline { pgid } => self.on_group_deadline(pgid),
             Event::ProbationOver { generation } => self.on_probation_over(generation),
             Event::Restart { token } => self.on_restart(token),
             Event::Control { request, reply } => match request {
@@ -744,7 +768,7 @@ impl Supervisor {
         };
         w.stop_sent = true;
         tracing::info!(worker = %w.label(), signal = %sig, drain = %human(drain), "stopping a worker");
-        if let Err(e) = kill(Pid::from_raw(pid as i32), sig) {
+        if let Err(e) = groups::signal(pid, sig) {
             tracing::warn!(worker = %w.label(), error = %e, "cannot signal the worker");
         }
         let timer = self.after(drain, Event::DrainDeadline { generation });
@@ -759,10 +783,95 @@ impl Supervisor {
         {
             tracing::warn!(
                 worker = %w.label(),
-                "the worker did not exit within the drain timeout ({}); killing it",
+                "the worker did not exit within the drain timeout ({}); killing it and its \
+                 process group",
                 human(self.cfg.drain_timeout)
             );
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = groups::signal(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// A gone worker's leftovers are still there at their deadline: kill them.
+    fn on_group_deadline(&mut self, pgid: u32) {
+        if let Some(l) = self.lingering.remove(&pgid) {
+            let left = groups::members(pgid);
+            if !left.is_empty() {
+                tracing::warn!(
+                    worker = %l.label,
+                    pids = ?left,
+                    "what the worker left in its process group is still there at the drain \
+                     deadline ({}); killing it",
+                    human(self.cfg.drain_timeout)
+                );
+                let _ = groups::signal(pgid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// The master exits: nothing it started may outlive it.
+    fn kill_lingering(&mut self) {
+        for (pgid, l) in std::mem::take(&mut self.lingering) {
+            l.deadline.abort();
+            if !groups::members(pgid).is_empty() {
+                tracing::warn!(worker = %l.label, "killing what the worker left in its process group");
+                let _ = groups::signal(pgid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Forgets the lingering groups that have emptied.
+    fn check_lingering(&mut self) {
+        if self.lingering.is_empty() {
+            return;
+        }
+        let gone: Vec<u32> = self
+            .lingering
+            .keys()
+            .copied()
+            .filter(|g| groups::members(*g).is_empty())
+            .collect();
+        for g in gone {
+            if let Some(l) = self.lingering.remove(&g) {
+                l.deadline.abort();
+                tracing::info!(worker = %l.label, "what the worker left in its process group has exited");
+            }
+        }
+    }
+
+    /// A worker has gone: if it left processes running in its group (it daemonized, or
+    /// backgrounded its server), say so, and stop them as the worker would have been.
+    fn stop_leftovers(&mut self, w: &Worker) {
+        let Some(pgid) = w.pid else {
+            return;
+        };
+        let left = groups::members(pgid);
+        if left.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            worker = %w.label(),
+            pids = ?left,
+            "the worker exited but left {} process(es) of its process group running: it \
+             daemonizes or starts its server in the background (`server &`), so the master \
+             supervises a process that is gone and not the server; run the server in the \
+             foreground (end a start script with `exec server`, turn off daemon mode). \
+             Stopping them ({} now, SIGKILL in {})",
+            left.len(),
+            self.cfg.stop_signal,
+            human(self.cfg.drain_timeout)
+        );
+        if !w.stop_sent {
+            let _ = groups::signal(pgid, self.cfg.stop_signal);
+        }
+        let deadline = self.after(self.cfg.drain_timeout, Event::GroupDeadline { pgid });
+        if let Some(old) = self.lingering.insert(
+            pgid,
+            Lingering {
+                label: w.label(),
+                deadline,
+            },
+        ) {
+            old.deadline.abort();
         }
     }
 
@@ -783,9 +892,10 @@ impl Supervisor {
                 tracing::warn!("{why} again while stopping: killing every worker");
                 for w in self.workers.values() {
                     if let Some(pid) = w.pid {
-                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        let _ = groups::signal(pid, Signal::SIGKILL);
                     }
                 }
+                self.kill_lingering();
             }
             return;
         }
@@ -811,6 +921,11 @@ impl Supervisor {
     // ---- exits and crashes --------------------------------------------------------------
 
     fn reap_children(&mut self) {
+        self.reap_exited();
+        self.check_lingering();
+    }
+
+    fn reap_exited(&mut self) {
         loop {
             let pid = match reaper::peek_exited() {
                 Ok(Some(pid)) => pid,
@@ -844,6 +959,7 @@ impl Supervisor {
         let Some(w) = self.workers.remove(&generation) else {
             return;
         };
+        self.stop_leftovers(&w);
         let label = w.label();
         let lived = w.started.elapsed();
         let when = if reason.starts_with("could not be started") {

@@ -138,3 +138,83 @@ fn first_start_failure_fails_the_master_fast() {
         assert!(!out.contains("restarting the worker"), "not retried: {out}");
     }
 }
+
+/// The PID a script wrote to `path`, once it is there.
+fn read_pid(path: &Path) -> u32 {
+    wait_for("a PID file written by the worker", PATIENCE, || {
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    })
+}
+
+/// A worker runs in a process group of its own, which the master stops as a whole: a
+/// process it started in the background (which, like the worker, ignores SIGTERM) does
+/// not survive `reborn stop` and the master's exit; the group gets SIGKILL at the drain
+/// deadline.
+#[test]
+fn stop_reaches_the_workers_whole_process_group() {
+    let dir = tempdir();
+    let child_pid = dir.path().join("child.pid");
+    let script = dir.path().join("start.sh");
+    replace_with_script(
+        &script,
+        &format!(
+            "#!/bin/sh\ntrap '' TERM\n(while :; do sleep 0.1; done) &\necho $! > {}\n\
+             while :; do sleep 0.1; done\n",
+            child_pid.display()
+        ),
+    );
+    let mut master = Master::start(
+        dir.path(),
+        &["--ready", "delay:100ms", "--drain-timeout", "1s"],
+        &[script.as_os_str()],
+    );
+    let worker = master.wait_serving();
+    let child = read_pid(&child_pid);
+    assert!(alive(child));
+    let out = master.client("stop", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(master.proc.wait_exit(PATIENCE), Some(0));
+    assert!(!alive(worker), "the worker");
+    wait_for("the worker's background process to be gone", PATIENCE, || {
+        (!alive(child)).then_some(())
+    });
+}
+
+/// A worker that exits while a process it started in the background still runs (it
+/// daemonized): the master says so and what to do, and stops the leftover.
+#[test]
+fn a_worker_that_daemonizes_is_named_and_its_leftovers_stopped() {
+    let dir = tempdir();
+    let daemon_pid = dir.path().join("daemon.pid");
+    let script = dir.path().join("start.sh");
+    replace_with_script(
+        &script,
+        &format!(
+            "#!/bin/sh\nif [ -e {ran} ]; then exec sleep 600; fi\ntouch {ran}\n\
+             sleep 600 &\necho $! > {pid}\nsleep 1\n",
+            ran = dir.path().join("ran").display(),
+            pid = daemon_pid.display()
+        ),
+    );
+    let master = Master::start(
+        dir.path(),
+        &["--ready", "delay:100ms"],
+        &[script.as_os_str()],
+    );
+    let daemon = read_pid(&daemon_pid);
+    master.proc.wait_line("the warning about daemonizing", |l| {
+        (l.contains("WARN")
+            && l.contains("left 1 process(es) of its process group running")
+            && l.contains("daemonizes")
+            && l.contains("`exec server`")
+            && l.contains(&daemon.to_string()))
+        .then_some(())
+    });
+    wait_for("the leftover to be stopped", PATIENCE, || {
+        (!alive(daemon)).then_some(())
+    });
+    master.proc.wait_line("the leftover's exit", |l| {
+        l.contains("what the worker left in its process group has exited")
+            .then_some(())
+    });
+}
