@@ -241,7 +241,8 @@ impl Answers {
 }
 
 /// Answers control connections until the runtime ends.
-pub fn serve(listener: UnixListener, events: UnboundedSender<Event>) -> Answers {
+pub fn serve(listener: UnixListener, path: &Path, events: UnboundedSender<Event>) -> Answers {
+    let path = path.to_path_buf();
     let answers = Answers::default();
     let counted = answers.clone();
     tokio::spawn(async move {
@@ -251,7 +252,7 @@ pub fn serve(listener: UnixListener, events: UnboundedSender<Event>) -> Answers 
                     tokio::spawn(handle(stream, events.clone(), counted.clone()));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "control socket: accept failed");
+                    tracing::warn!(socket = %path.display(), error = %e, "control socket: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

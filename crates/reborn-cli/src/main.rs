@@ -187,7 +187,7 @@ fn run(args: RunArgs) -> ExitCode {
             made.made(path);
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let answers = control::serve(control, tx.clone());
+        let answers = control::serve(control, &control_path, tx.clone());
         let spawner = spawner::Spawner::start(sockets, tx.clone())?;
         if upstream.is_active() {
             tracing::info!("reporting to the service manager through NOTIFY_SOCKET");

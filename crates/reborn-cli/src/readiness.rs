@@ -44,7 +44,12 @@ pub fn watch_notify(
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(generation, error = %e, "cannot read the worker's notify socket");
+                    tracing::warn!(
+                        generation,
+                        socket = %std::path::Path::new(&receiver.address()).display(),
+                        error = %e,
+                        "cannot read the worker's notify socket"
+                    );
                     return;
                 }
             }

@@ -174,6 +174,10 @@ struct Worker {
     ready_at: Option<Instant>,
     role: Role,
     stop_sent: bool,
+    /// When it was told to stop (its stop signal sent).
+    stop_sent_at: Option<Instant>,
+    /// It was sent `SIGKILL` on purpose, and why.
+    killed_for: Option<&'static str>,
     /// `READY=1` arrived before the PID did.
     ready_early: bool,
     /// It sent at least one notify message.
@@ -455,6 +459,8 @@ impl Supervisor {
                 ready_at: None,
                 role: Role::Starting(purpose),
                 stop_sent: false,
+                stop_sent_at: None,
+                killed_for: None,
                 ready_early: false,
                 said_anything: false,
                 status: None,
@@ -479,13 +485,23 @@ impl Supervisor {
                 self.cfg.program
             )
         })?;
-        if !reborn::spawn::is_executable_file(&program) {
-            return Err(format!(
-                "{} is missing or not an executable file",
-                program.display()
-            ));
+        if reborn::spawn::is_executable_file(&program) {
+            return Ok(program);
         }
-        Ok(program)
+        let shown = program.display();
+        Err(match std::fs::metadata(&program) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => format!(
+                "{shown} is missing (no such file); check the path, or deploy the program there"
+            ),
+            Err(e) => format!("{shown} cannot be looked at ({e}); check the path and its permissions"),
+            Ok(m) if m.is_dir() => {
+                format!("{shown} is a directory, not a program; give the program inside it")
+            }
+            Ok(_) => format!(
+                "{shown} is not executable; `chmod +x {shown}` (or run it through its \
+                 interpreter, e.g. -- python3 {shown})"
+            ),
+        })
     }
 
     fn on_spawned(&mut self, generation: u64, result: io::Result<u32>) {
@@ -517,7 +533,7 @@ impl Supervisor {
                     _ => "",
                 };
                 let reason = format!("could not be started ({:?}: {e}{hint})", self.cfg.program);
-                self.worker_gone(generation, reason);
+                self.worker_gone(generation, None, reason);
             }
         }
         // A zombie that arrived while a spawn was in flight may be waiting.
@@ -767,6 +783,7 @@ impl Supervisor {
             return;
         };
         w.stop_sent = true;
+        w.stop_sent_at = Some(Instant::now());
         tracing::info!(worker = %w.label(), signal = %sig, drain = %human(drain), "stopping a worker");
         if let Err(e) = groups::signal(pid, sig) {
             tracing::warn!(worker = %w.label(), error = %e, "cannot signal the worker");
@@ -778,9 +795,10 @@ impl Supervisor {
     }
 
     fn on_drain_deadline(&mut self, generation: u64) {
-        if let Some(w) = self.workers.get(&generation)
+        if let Some(w) = self.workers.get_mut(&generation)
             && let Some(pid) = w.pid
         {
+            w.killed_for = Some("at the drain deadline");
             tracing::warn!(
                 worker = %w.label(),
                 "the worker did not exit within the drain timeout ({}); killing it and its \
@@ -890,8 +908,9 @@ impl Supervisor {
         if self.stopping {
             if hammer_if_repeated {
                 tracing::warn!("{why} again while stopping: killing every worker");
-                for w in self.workers.values() {
+                for w in self.workers.values_mut() {
                     if let Some(pid) = w.pid {
+                        w.killed_for = Some("the stop was asked for again");
                         let _ = groups::signal(pid, Signal::SIGKILL);
                     }
                 }
@@ -942,7 +961,7 @@ impl Supervisor {
                         _ => return,
                     };
                     self.pids.remove(&pid);
-                    self.worker_gone(generation, status.to_string());
+                    self.worker_gone(generation, Some(status), status.to_string());
                 }
                 // A failed exec's child is reaped by the spawning thread itself: leave
                 // unknown children alone while a spawn is in flight.
@@ -955,13 +974,19 @@ impl Supervisor {
         }
     }
 
-    fn worker_gone(&mut self, generation: u64, reason: String) {
+    fn worker_gone(
+        &mut self,
+        generation: u64,
+        status: Option<reaper::ExitStatus>,
+        reason: String,
+    ) {
         let Some(w) = self.workers.remove(&generation) else {
             return;
         };
         self.stop_leftovers(&w);
         let label = w.label();
         let lived = w.started.elapsed();
+        let reason = self.why_gone(&w, status).unwrap_or(reason);
         let when = if reason.starts_with("could not be started") {
             ""
         } else {
@@ -969,7 +994,16 @@ impl Supervisor {
         };
         match w.role {
             Role::Draining => {
-                tracing::info!(worker = %label, after = %human(lived), "a stopped worker {reason}");
+                let drained = w
+                    .stop_sent_at
+                    .map(|t| human(t.elapsed()))
+                    .unwrap_or_else(|| "-".into());
+                tracing::info!(
+                    worker = %label,
+                    lifetime = %human(lived),
+                    drained_in = %drained,
+                    "a stopped worker {reason}"
+                );
             }
             Role::Starting(Purpose::Upgrade) => {
                 let msg = format!("upgrade failed: the new worker, {label}, {reason}{when}");
@@ -997,7 +1031,7 @@ impl Supervisor {
                 if self.current == Some(generation) {
                     self.current = None;
                 }
-                tracing::warn!(worker = %label, after = %human(lived), "the serving worker {reason}");
+                tracing::warn!(worker = %label, lifetime = %human(lived), "the serving worker {reason}");
                 self.note_crash(w.ready_at);
                 let rolled_back = w.on_probation
                     && !self.stopping
@@ -1016,6 +1050,23 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// How a worker ended, said with what the master did to it: dying of the stop signal
+    /// the master sent is being stopped as asked, not "killed"; `None` for the plain
+    /// status.
+    fn why_gone(&self, w: &Worker, status: Option<reaper::ExitStatus>) -> Option<String> {
+        let reaper::ExitStatus::Signaled(sig) = status? else {
+            return None;
+        };
+        let name = Signal::try_from(sig).ok()?;
+        if name == Signal::SIGKILL
+            && let Some(why) = w.killed_for
+        {
+            return Some(format!("was killed by SIGKILL ({why})"));
+        }
+        (w.stop_sent && name == self.cfg.stop_signal)
+            .then(|| format!("stopped ({}, as asked)", name.as_str()))
     }
 
     /// Whether the worker that just went was the first start, failed: no worker was

@@ -218,3 +218,70 @@ fn a_worker_that_daemonizes_is_named_and_its_leftovers_stopped() {
             .then_some(())
     });
 }
+
+/// The master's messages say what happened and what to do: a missing program and a
+/// non-executable one are told apart; a worker that dies of the stop signal the master
+/// sent was stopped as asked, not "killed"; its lifetime and its drain are both given,
+/// labelled; a warning about a socket names the socket.
+#[test]
+fn messages_say_what_happened_and_what_to_do() {
+    let dir = tempdir();
+    let script = dir.path().join("app.sh");
+    // Dies of SIGTERM (the default action), as many programs do.
+    replace_with_script(&script, "#!/bin/sh\nexec sleep 600\n");
+    let bad_notify = dir.path().join("no-such-dir").join("notify.sock");
+    let mut cmd = Command::new(reborn());
+    cmd.args(["run", "--listen", "127.0.0.1:0", "--control"])
+        .arg(dir.path().join("ctl.sock"))
+        .args(["--ready", "delay:100ms", "--probation", "0", "--"])
+        .arg(&script)
+        .env("NOTIFY_SOCKET", &bad_notify);
+    let proc = Proc::start(cmd);
+    proc.wait_line("the control socket", |l| {
+        l.contains("control socket: ").then_some(())
+    });
+    let master = Master {
+        proc,
+        control: dir.path().join("ctl.sock"),
+        addr: "127.0.0.1:1".parse().unwrap(),
+    };
+    let first = master.wait_serving();
+
+    // (d) The warning about the service manager's socket names it.
+    master.proc.wait_line("the notify warning", |l| {
+        (l.contains("cannot notify the service manager")
+            && l.contains(&bad_notify.display().to_string()))
+        .then_some(())
+    });
+
+    // (a) Not executable: say chmod +x.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, text) = master.upgrade();
+    assert!(!ok);
+    assert!(
+        text.contains("is not executable") && text.contains(&format!("chmod +x {}", script.display())),
+        "{text}"
+    );
+    // Missing: say check the path.
+    std::fs::remove_file(&script).unwrap();
+    let (ok, text) = master.upgrade();
+    assert!(!ok);
+    assert!(
+        text.contains("is missing (no such file); check the path"),
+        "{text}"
+    );
+    assert!(!text.contains("chmod"), "{text}");
+
+    // (b), (c) The old worker dies of the SIGTERM it was sent.
+    replace_with_script(&script, "#!/bin/sh\nexec sleep 600\n");
+    let (ok, text) = master.upgrade();
+    assert!(ok, "{text}");
+    let line = master.proc.wait_line("the old worker's end", |l| {
+        (l.contains("a stopped worker") && l.contains(&format!("(pid {first})")))
+            .then(|| l.to_owned())
+    });
+    assert!(line.contains("stopped (SIGTERM, as asked)"), "{line}");
+    assert!(!line.contains("killed"), "{line}");
+    assert!(line.contains("lifetime=") && line.contains("drained_in="), "{line}");
+}
