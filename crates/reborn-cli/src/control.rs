@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, mpsc::UnboundedSender, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc::UnboundedSender, oneshot};
 
 use crate::supervisor::Event;
 
@@ -240,17 +240,49 @@ impl Answers {
     }
 }
 
-/// Answers control connections until the runtime ends.
+/// The most control connections served at once; more are answered with an error and
+/// closed, so that clients that hold connections open cannot exhaust the master's fds.
+/// (Each connection also has 10 s to send its request line, or it is closed.)
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Tells a connection over the cap why it is closed, in one reply line.
+async fn refuse_busy(mut stream: UnixStream) {
+    let reply = Reply::err(format!(
+        "the master is busy: {MAX_CONNECTIONS} control connections are open already; try \
+         again in a moment"
+    ));
+    let mut text = serde_json::to_string(&reply).unwrap_or_else(|_| "{}".into());
+    text.push('\n');
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(text.as_bytes())).await;
+}
+
+/// Answers control connections until the runtime ends, at most [`MAX_CONNECTIONS`] at a
+/// time.
 pub fn serve(listener: UnixListener, path: &Path, events: UnboundedSender<Event>) -> Answers {
     let path = path.to_path_buf();
     let answers = Answers::default();
     let counted = answers.clone();
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(handle(stream, events.clone(), counted.clone()));
-                }
+                Ok((stream, _)) => match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let (events, counted) = (events.clone(), counted.clone());
+                        tokio::spawn(async move {
+                            handle(stream, events, counted).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            socket = %path.display(),
+                            "control socket: {MAX_CONNECTIONS} connections are open already; \
+                             refused one"
+                        );
+                        tokio::spawn(refuse_busy(stream));
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(socket = %path.display(), error = %e, "control socket: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;

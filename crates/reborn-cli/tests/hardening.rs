@@ -285,3 +285,57 @@ fn messages_say_what_happened_and_what_to_do() {
     assert!(!line.contains("killed"), "{line}");
     assert!(line.contains("lifetime=") && line.contains("drained_in="), "{line}");
 }
+
+/// The control socket serves at most 64 connections at once (one more is answered with
+/// a one-line error and closed), and closes a connection that sends no request line
+/// within 10 s; then it serves again.
+#[test]
+fn control_connections_are_capped_and_idle_ones_time_out() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+    let dir = tempdir();
+    let (master, _app) = start_app(dir.path(), &[]);
+    let opened = Instant::now();
+    let idle: Vec<UnixStream> = (0..64)
+        .map(|_| UnixStream::connect(&master.control).unwrap())
+        .collect();
+    // The 65th: one line of error, then EOF.
+    let extra = UnixStream::connect(&master.control).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut reader = BufReader::new(extra);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&line).expect("a JSON reply line");
+    assert_eq!(reply["ok"], false, "{line}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("64 control connections"),
+        "{line}"
+    );
+    let mut rest = String::new();
+    assert_eq!(reader.read_to_string(&mut rest).unwrap(), 0, "closed after it");
+    let out = master.client("status", &[]);
+    assert!(!out.status.success(), "the cap holds for the real client too");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the master is busy"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The idle ones are closed at about 10 s; the master serves again.
+    for mut conn in idle {
+        conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(conn.read(&mut buf).unwrap(), 0, "closed without an answer");
+    }
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(40),
+        "{took:?}"
+    );
+    wait_for("the master to serve control connections again", PATIENCE, || {
+        master.client("status", &[]).status.success().then_some(())
+    });
+}
