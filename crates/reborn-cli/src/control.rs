@@ -109,6 +109,10 @@ pub struct Status {
     pub crashes: u64,
     /// Crashes in a row (reset once a worker stays up).
     pub crashes_in_a_row: u32,
+    /// Problems that need a person: e.g. a serving worker that does not use one of the
+    /// master's listeners (its clients hang).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One worker.

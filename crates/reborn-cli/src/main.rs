@@ -14,6 +14,7 @@
 //! * [`reaper`]: collecting exit statuses in one place, orphans included;
 //! * [`groups`]: the workers' process groups (signalled whole, leftovers found);
 //! * [`readiness`]: notify messages and readiness probes;
+//! * [`sockets`]: which of the master's listeners a worker really uses;
 //! * [`supervisor`]: the state machine of workers, upgrades, crashes and stop;
 //! * [`control`]: the control socket and its protocol (`upgrade`, `status`, `stop`);
 //! * [`sdnotify`]: the master's own reports to systemd;
@@ -28,6 +29,7 @@ mod pinned;
 mod readiness;
 mod reaper;
 mod sdnotify;
+mod sockets;
 mod spawner;
 mod supervisor;
 
@@ -155,6 +157,7 @@ fn run(args: RunArgs) -> ExitCode {
         backoff_max: args.backoff_max,
         probation: args.probation,
         listeners: listeners.iter().map(|l| l.status()).collect(),
+        listener_inodes: listeners.iter().map(|l| sockets::inode(&l.fd)).collect(),
     };
     let sockets = listeners.into_iter().map(|l| (l.fd, l.name)).collect();
     let upstream = sdnotify::Upstream::new(process_env.notify_socket);
@@ -353,4 +356,7 @@ fn print_status(s: &control::Status) {
         None => println!("last upgrade: none"),
     }
     println!("crashes: {} ({} in a row)", s.crashes, s.crashes_in_a_row);
+    for w in &s.warnings {
+        println!("WARNING: {w}");
+    }
 }

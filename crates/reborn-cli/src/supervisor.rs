@@ -32,6 +32,7 @@ use crate::control::{ListenerStatus, Reply, Request, Status, UpgradeStatus, Work
 use crate::pinned::Binary;
 use crate::groups;
 use crate::reaper;
+use crate::sockets;
 use crate::sdnotify::Upstream;
 use crate::spawner::{SpawnJob, Spawner};
 
@@ -151,6 +152,9 @@ pub struct Config {
     pub probation: Duration,
     /// The listeners, for `status`.
     pub listeners: Vec<ListenerStatus>,
+    /// Their socket inodes (as in `/proc/PID/fd`), in the same order, to tell whether a
+    /// worker uses them.
+    pub listener_inodes: Vec<Option<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +182,8 @@ struct Worker {
     stop_sent_at: Option<Instant>,
     /// It was sent `SIGKILL` on purpose, and why.
     killed_for: Option<&'static str>,
+    /// It does not use some of the master's listeners (see [`crate::sockets`]).
+    listener_problem: Option<String>,
     /// `READY=1` arrived before the PID did.
     ready_early: bool,
     /// It sent at least one notify message.
@@ -397,6 +403,7 @@ impl Supervisor {
             Event::Restart { token } => self.on_restart(token),
             Event::Control { request, reply } => match request {
                 Request::Status => {
+                    self.recheck_listeners();
                     let mut r = Reply::ok("status");
                     r.status = Some(self.status());
                     let _ = reply.send(r);
@@ -461,6 +468,7 @@ impl Supervisor {
                 stop_sent: false,
                 stop_sent_at: None,
                 killed_for: None,
+                listener_problem: None,
                 ready_early: false,
                 said_anything: false,
                 status: None,
@@ -583,6 +591,34 @@ impl Supervisor {
             self.stop_worker(generation);
             return;
         }
+        if let Some(problem) = self.listener_problem(generation) {
+            tracing::error!("{problem}");
+            match purpose {
+                // Safe: the old worker keeps serving the master's sockets.
+                Purpose::Upgrade => {
+                    self.stop_worker(generation);
+                    let msg = format!(
+                        "upgrade failed: the new worker, {problem}; it is being stopped. \
+                         Have the program use the sockets it is handed (LISTEN_FDS, the names \
+                         in LISTEN_FDNAMES), or restart `reborn run` with the new --listen"
+                    );
+                    self.finish_upgrade(generation, false, msg);
+                    if self.current.is_none() {
+                        self.schedule_restart();
+                    }
+                    return;
+                }
+                // No other worker to keep: it serves, loudly (`reborn status` warns).
+                Purpose::Replace => {
+                    if let Some(w) = self.workers.get_mut(&generation) {
+                        w.listener_problem = Some(problem);
+                    }
+                }
+            }
+        }
+        let Some(w) = self.workers.get_mut(&generation) else {
+            return;
+        };
         for task in [w.probe.take(), w.ready_timer.take()].into_iter().flatten() {
             task.abort();
         }
@@ -681,6 +717,74 @@ impl Supervisor {
                 self.note_crash(None);
                 self.schedule_restart();
             }
+        }
+    }
+
+    /// What is wrong, if anything, with the listeners the worker of `generation` uses:
+    /// the master's listeners that no process of its group holds (it closed them), and
+    /// the addresses it listens on itself.
+    fn listener_problem(&self, generation: u64) -> Option<String> {
+        let w = self.workers.get(&generation)?;
+        let pid = w.pid?;
+        let ours: Vec<u64> = self.cfg.listener_inodes.iter().flatten().copied().collect();
+        if ours.is_empty() {
+            return None;
+        }
+        let mut members = groups::members(pid);
+        if members.is_empty() {
+            members.push(pid);
+        }
+        let held = sockets::held_by(&members, &ours);
+        if !held.readable {
+            return None;
+        }
+        let missing: Vec<String> = self
+            .cfg
+            .listeners
+            .iter()
+            .zip(&self.cfg.listener_inodes)
+            .filter(|(_, inode)| inode.is_some_and(|i| !held.sockets.contains(&i)))
+            .map(|(l, _)| {
+                format!(
+                    "{} ({})",
+                    l.name.as_deref().unwrap_or(reborn::activation::UNNAMED),
+                    l.address
+                )
+            })
+            .collect();
+        if missing.is_empty() {
+            return None;
+        }
+        let own = if held.own_listening.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " and listens on {} itself",
+                held.own_listening.join(", ")
+            )
+        };
+        Some(format!(
+            "{} does not use the master's listener {}: it closed the socket it was handed{own}, \
+             so clients of that address queue with no one to accept them",
+            w.label(),
+            missing.join(", ")
+        ))
+    }
+
+    /// Looks again at the serving worker's listeners (for `reborn status`): a problem
+    /// found now is logged once, as an error.
+    fn recheck_listeners(&mut self) {
+        let Some(current) = self.current else {
+            return;
+        };
+        let problem = self.listener_problem(current);
+        if let Some(w) = self.workers.get_mut(&current)
+            && w.listener_problem != problem
+        {
+            if let Some(p) = &problem {
+                tracing::error!("{p}");
+            }
+            w.listener_problem = problem;
         }
     }
 
@@ -1299,6 +1403,11 @@ impl Supervisor {
             }),
             crashes: self.crashes,
             crashes_in_a_row: self.crashes_in_a_row,
+            warnings: self
+                .workers
+                .values()
+                .filter_map(|w| w.listener_problem.clone())
+                .collect(),
         }
     }
 }

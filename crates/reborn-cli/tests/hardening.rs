@@ -339,3 +339,72 @@ fn control_connections_are_capped_and_idle_ones_time_out() {
         master.client("status", &[]).status.success().then_some(())
     });
 }
+
+/// A server that moved its listener: it closes the socket it was handed (fd 3), binds
+/// its own port, reports ready and accepts there.
+const MOVER: &str = r#"
+import os, socket
+os.close(3)
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+n.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+while True:
+    c, _ = s.accept()
+    c.close()
+"#;
+
+/// A worker that does not use the master's listener (a new version that moved its
+/// listener to another name and port: it closes the socket it was handed and binds its
+/// own) is loud: an ERROR naming the listener and the address; as an upgrade it is
+/// refused (the old worker keeps serving the master's socket); as the only worker it
+/// serves, and `reborn status` warns.
+#[test]
+fn a_worker_that_moves_its_listener_is_loud() {
+    let dir = tempdir();
+    let (master, app) = start_app(dir.path(), &[]);
+    let (_, old_pid) = ping(master.addr);
+    // The new version closes the socket it was handed and binds a port of its own.
+    let python = common::require_tool("python3", "apt-get install -y python3");
+    let mover = dir.path().join("mover.py");
+    std::fs::write(&mover, MOVER).unwrap();
+    let moved = format!(
+        "#!/bin/sh\nexec {} {}\n",
+        python.display(),
+        mover.display()
+    );
+    replace_with_script(&app, &moved);
+    let (ok, text) = master.upgrade();
+    let listener = format!("listener http ({})", master.addr);
+    assert!(!ok, "{text}");
+    assert!(text.contains(&listener), "{text}");
+    assert!(text.contains("closed the socket it was handed and listens on 127.0.0.1:"), "{text}");
+    assert!(text.contains(&format!("(pid {old_pid}) keeps serving")), "{text}");
+    master.proc.wait_line("the ERROR", |l| {
+        (l.contains("ERROR") && l.contains(&listener)).then_some(())
+    });
+    assert_eq!(ping(master.addr).1, old_pid);
+    assert!(master.status()["warnings"].as_array().unwrap().is_empty());
+
+    // The only worker: it serves, and status warns.
+    let dir2 = tempdir();
+    let script = dir2.path().join("moved.sh");
+    replace_with_script(&script, &moved);
+    let second = Master::start(dir2.path(), &[], &[script.as_os_str()]);
+    second.wait_serving();
+    let listener = format!("listener http ({})", second.addr);
+    second.proc.wait_line("the ERROR", |l| {
+        (l.contains("ERROR") && l.contains(&listener)).then_some(())
+    });
+    let status = second.status();
+    assert_eq!(status["state"], "serving");
+    let warnings = status["warnings"].as_array().unwrap();
+    assert!(
+        warnings.len() == 1 && warnings[0].as_str().unwrap().contains(&listener),
+        "{status}"
+    );
+    let out = second.client("status", &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("WARNING: ") && text.contains(&listener), "{text}");
+}
