@@ -134,6 +134,12 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
+    for stale in reborn::notify::sweep_stale_dirs() {
+        tracing::info!(
+            dir = %stale.display(),
+            "removed the notify directory of a master that is gone (it was killed)"
+        );
+    }
     if let Err(e) = reaper::become_subreaper() {
         tracing::warn!(error = %e, "cannot become a child subreaper; orphans of workers go to init");
     }

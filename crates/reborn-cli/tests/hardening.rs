@@ -408,3 +408,73 @@ fn a_worker_that_moves_its_listener_is_loud() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("WARNING: ") && text.contains(&listener), "{text}");
 }
+
+/// A master killed with SIGKILL leaves its workers' notify directory behind; the next
+/// master of this user sweeps it — and only dead masters' directories of this naming.
+#[test]
+fn a_killed_masters_notify_directory_is_swept() {
+    use std::os::unix::fs::MetadataExt;
+    let runtime = tempdir();
+    let dir = tempdir();
+    let script = dir.path().join("app.sh");
+    replace_with_script(&script, "#!/bin/sh\nexec sleep 600\n");
+    let start = |name: &str| {
+        let mut cmd = Command::new(reborn());
+        cmd.args(["run", "--listen", "127.0.0.1:0", "--control"])
+            .arg(dir.path().join(format!("{name}.sock")))
+            .args(["--ready", "delay:100ms", "--"])
+            .arg(&script)
+            .env("XDG_RUNTIME_DIR", runtime.path());
+        let proc = Proc::start(cmd);
+        proc.wait_line("the control socket", |l| {
+            l.contains("control socket: ").then_some(())
+        });
+        Master {
+            proc,
+            control: dir.path().join(format!("{name}.sock")),
+            addr: "127.0.0.1:1".parse().unwrap(),
+        }
+    };
+    let mut first = start("first");
+    let worker = first.wait_serving();
+    let environ = std::fs::read(format!("/proc/{worker}/environ")).unwrap();
+    let notify = environ
+        .split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"NOTIFY_SOCKET="))
+        .map(|v| std::path::PathBuf::from(String::from_utf8_lossy(v).into_owned()))
+        .expect("the worker's NOTIFY_SOCKET");
+    let stale = notify.parent().unwrap().to_path_buf();
+    assert_eq!(stale.parent().unwrap(), runtime.path(), "{}", stale.display());
+    signal(first.pid(), libc::SIGKILL);
+    first.proc.wait_exit(PATIENCE);
+    wait_for("the worker to die with its master", PATIENCE, || {
+        (!alive(worker)).then_some(())
+    });
+    assert!(stale.is_dir(), "SIGKILL left {} behind", stale.display());
+
+    // What must stay: a control socket directory's name, a live process's directory,
+    // and a dead one's that holds something other than sockets.
+    let ns = std::fs::metadata("/proc/self/ns/pid").unwrap().ino();
+    let keep = [
+        runtime.path().join("reborn-0"),
+        runtime
+            .path()
+            .join(format!("reborn-notify-{ns}-{}-live01", std::process::id())),
+        runtime.path().join(format!("reborn-notify-{ns}-999999999-files1")),
+    ];
+    for k in &keep {
+        std::fs::create_dir(k).unwrap();
+    }
+    std::fs::write(keep[2].join("data"), "not a socket").unwrap();
+
+    let second = start("second");
+    second.wait_serving();
+    second.proc.wait_line("the sweep", |l| {
+        (l.contains("removed the notify directory") && l.contains(&stale.display().to_string()))
+            .then_some(())
+    });
+    assert!(!stale.exists(), "{} is swept", stale.display());
+    for k in &keep {
+        assert!(k.is_dir(), "{} is left alone", k.display());
+    }
+}
