@@ -66,10 +66,7 @@ mod tests {
 
     #[test]
     fn stat_lines() {
-        assert_eq!(
-            parse_stat("42 (a (b) c) S 1 40 40 0 -1"),
-            Some(('S', 40))
-        );
+        assert_eq!(parse_stat("42 (a (b) c) S 1 40 40 0 -1"), Some(('S', 40)));
         assert_eq!(parse_stat("garbage"), None);
         let me = std::process::id();
         // SAFETY: getpgrp has no preconditions.

@@ -106,7 +106,14 @@ fn run(args: RunArgs) -> ExitCode {
              master spin",
         );
     }
-    if let Err(msg) = check_probe(&args.ready, &args.listen) {
+    if let Err(msg) = check_probe("--ready", &args.ready, &args.listen) {
+        return fail(msg);
+    }
+    // A tcp liveness probe of a shared listener would be accepted by the master's socket
+    // whatever the worker does; an http one needs the worker's answer.
+    if let Some(probe @ ReadyMode::Tcp(_)) = &args.liveness
+        && let Err(msg) = check_probe("--liveness", probe, &args.listen)
+    {
         return fail(msg);
     }
     let listeners = match listen::collect(process_env.sockets, &args.listen, args.backlog) {
@@ -164,6 +171,12 @@ fn run(args: RunArgs) -> ExitCode {
         probation: args.probation,
         listeners: listeners.iter().map(|l| l.status()).collect(),
         listener_inodes: listeners.iter().map(|l| sockets::inode(&l.fd)).collect(),
+        liveness: args.liveness.map(|probe| readiness::Liveness {
+            probe,
+            interval: args.liveness_interval,
+            timeout: args.liveness_timeout,
+            failures: args.liveness_failures,
+        }),
     };
     let sockets = listeners.into_iter().map(|l| (l.fd, l.name)).collect();
     let upstream = sdnotify::Upstream::new(process_env.notify_socket);
@@ -252,7 +265,7 @@ fn check_program(program: &OsString) -> Result<(), String> {
 
 /// A tcp or http probe aimed at a shared listener would be answered by the old worker
 /// (or queued by the master's socket), so it proves nothing: refuse it.
-fn check_probe(ready: &ReadyMode, listens: &[cli::ListenSpec]) -> Result<(), String> {
+fn check_probe(flag: &str, ready: &ReadyMode, listens: &[cli::ListenSpec]) -> Result<(), String> {
     use std::net::ToSocketAddrs;
     let target = match ready {
         ReadyMode::Tcp(a) => a.clone(),
@@ -273,10 +286,15 @@ fn check_probe(ready: &ReadyMode, listens: &[cli::ListenSpec]) -> Result<(), Str
             });
             if clash {
                 return Err(format!(
-                    "--ready probes {target}, which is the shared listener {}: the old worker \
+                    "{flag} probes {target}, which is the shared listener {}: the old worker \
                      (or the master's queue) would answer, so the probe proves nothing; probe a \
-                     health address of the worker's own, or use --ready notify",
-                    spec.addr
+                     health address of the worker's own{}",
+                    spec.addr,
+                    if flag == "--ready" {
+                        ", or use --ready notify"
+                    } else {
+                        ", or an http: probe, which needs the worker's answer"
+                    }
                 ));
             }
         }

@@ -13,10 +13,10 @@ use std::collections::HashSet;
 use std::os::fd::OwnedFd;
 
 /// The inode of a socket, as `/proc/PID/fd` shows it (`socket:[INODE]`).
+// `st_ino` is `u64` on Linux but narrower on some other Unix targets.
+#[allow(clippy::unnecessary_cast)]
 pub fn inode(fd: &OwnedFd) -> Option<u64> {
-    nix::sys::stat::fstat(fd)
-        .ok()
-        .map(|st| st.st_ino as u64)
+    nix::sys::stat::fstat(fd).ok().map(|st| st.st_ino as u64)
 }
 
 /// What the processes of a worker's group hold.

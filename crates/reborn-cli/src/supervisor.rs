@@ -29,11 +29,11 @@ use tokio::task::AbortHandle;
 
 use crate::cli::ReadyMode;
 use crate::control::{ListenerStatus, Reply, Request, Status, UpgradeStatus, WorkerStatus};
-use crate::pinned::Binary;
 use crate::groups;
+use crate::pinned::Binary;
 use crate::reaper;
-use crate::sockets;
 use crate::sdnotify::Upstream;
+use crate::sockets;
 use crate::spawner::{SpawnJob, Spawner};
 
 /// The master's signal handlers. Installed before anything announces the master (the
@@ -108,6 +108,13 @@ pub enum Event {
         /// The group (the gone worker's PID).
         pgid: u32,
     },
+    /// The serving worker failed its liveness probe too often in a row.
+    LivenessFailed {
+        /// The worker's generation.
+        generation: u64,
+        /// What failed, for the log.
+        reason: String,
+    },
     /// A draining worker's deadline passed.
     DrainDeadline {
         /// The worker's generation.
@@ -155,6 +162,8 @@ pub struct Config {
     /// Their socket inodes (as in `/proc/PID/fd`), in the same order, to tell whether a
     /// worker uses them.
     pub listener_inodes: Vec<Option<u64>>,
+    /// The serving worker's liveness probe, if any.
+    pub liveness: Option<crate::readiness::Liveness>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +201,8 @@ struct Worker {
     _notify: Arc<NotifyReceiver>,
     watcher: AbortHandle,
     probe: Option<AbortHandle>,
+    /// Its liveness probe, while it serves.
+    liveness: Option<AbortHandle>,
     /// Its pending timers (ready timeout, drain deadline): cancelled once they cannot
     /// matter, so that frequent upgrades do not pile up sleeping tasks.
     ready_timer: Option<AbortHandle>,
@@ -217,6 +228,7 @@ impl Drop for Worker {
         self.watcher.abort();
         for task in [
             &self.probe,
+            &self.liveness,
             &self.ready_timer,
             &self.drain_timer,
             &self.probation_timer,
@@ -399,6 +411,9 @@ impl Supervisor {
             Event::ReadyTimeout { generation } => self.on_ready_timeout(generation),
             Event::DrainDeadline { generation } => self.on_drain_deadline(generation),
             Event::GroupDeadline { pgid } => self.on_group_deadline(pgid),
+            Event::LivenessFailed { generation, reason } => {
+                self.on_liveness_failed(generation, reason)
+            }
             Event::ProbationOver { generation } => self.on_probation_over(generation),
             Event::Restart { token } => self.on_restart(token),
             Event::Control { request, reply } => match request {
@@ -475,6 +490,7 @@ impl Supervisor {
                 _notify: notify,
                 watcher,
                 probe: None,
+                liveness: None,
                 ready_timer: Some(ready_timer),
                 drain_timer: None,
                 probation_timer: None,
@@ -501,7 +517,9 @@ impl Supervisor {
             Err(e) if e.kind() == io::ErrorKind::NotFound => format!(
                 "{shown} is missing (no such file); check the path, or deploy the program there"
             ),
-            Err(e) => format!("{shown} cannot be looked at ({e}); check the path and its permissions"),
+            Err(e) => {
+                format!("{shown} cannot be looked at ({e}); check the path and its permissions")
+            }
             Ok(m) if m.is_dir() => {
                 format!("{shown} is a directory, not a program; give the program inside it")
             }
@@ -624,6 +642,13 @@ impl Supervisor {
         }
         w.role = Role::Serving;
         w.ready_at = Some(Instant::now());
+        if let Some(liveness) = &self.cfg.liveness {
+            w.liveness = Some(crate::readiness::start_liveness(
+                generation,
+                liveness,
+                self.events.clone(),
+            ));
+        }
         let took = w.started.elapsed();
         let label = w.label();
         let probation = self.cfg.probation;
@@ -758,10 +783,7 @@ impl Supervisor {
         let own = if held.own_listening.is_empty() {
             String::new()
         } else {
-            format!(
-                " and listens on {} itself",
-                held.own_listening.join(", ")
-            )
+            format!(" and listens on {} itself", held.own_listening.join(", "))
         };
         Some(format!(
             "{} does not use the master's listener {}: it closed the socket it was handed{own}, \
@@ -876,8 +898,8 @@ impl Supervisor {
             return;
         };
         w.role = Role::Draining;
-        if let Some(p) = w.probe.take() {
-            p.abort();
+        for task in [w.probe.take(), w.liveness.take()].into_iter().flatten() {
+            task.abort();
         }
         if w.stop_sent {
             return;
@@ -910,6 +932,25 @@ impl Supervisor {
                 human(self.cfg.drain_timeout)
             );
             let _ = groups::signal(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// The serving worker is hung (or dead to its clients): kill it, group and all; its
+    /// exit is then handled as a crash (restart after the back-off).
+    fn on_liveness_failed(&mut self, generation: u64, reason: String) {
+        let Some(w) = self.workers.get_mut(&generation) else {
+            return;
+        };
+        let Some(pid) = w.pid.filter(|_| w.role == Role::Serving) else {
+            return;
+        };
+        tracing::error!(
+            worker = %w.label(),
+            "{reason}; killing the worker (SIGKILL to its process group) to restart it"
+        );
+        w.killed_for = Some("its liveness probe failed");
+        if let Err(e) = groups::signal(pid, Signal::SIGKILL) {
+            tracing::warn!(worker = %w.label(), error = %e, "cannot kill the worker");
         }
     }
 
@@ -1078,12 +1119,7 @@ impl Supervisor {
         }
     }
 
-    fn worker_gone(
-        &mut self,
-        generation: u64,
-        status: Option<reaper::ExitStatus>,
-        reason: String,
-    ) {
+    fn worker_gone(&mut self, generation: u64, status: Option<reaper::ExitStatus>, reason: String) {
         let Some(w) = self.workers.remove(&generation) else {
             return;
         };

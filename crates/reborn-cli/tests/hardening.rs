@@ -53,7 +53,10 @@ fn refused_second_master_leaves_the_first_ones_files() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("another reborn master is running"), "{err}");
 
-    assert!(master.control.exists(), "the running master's control socket");
+    assert!(
+        master.control.exists(),
+        "the running master's control socket"
+    );
     assert_eq!(
         std::fs::read_to_string(&pid_file).unwrap().trim(),
         master.pid().to_string(),
@@ -63,9 +66,16 @@ fn refused_second_master_leaves_the_first_ones_files() {
     let (ok, text) = master.upgrade();
     assert!(ok, "{text}");
     let out = master.client("stop", &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(master.proc.wait_exit(PATIENCE), Some(0));
-    assert!(!master.control.exists() && !pid_file.exists(), "removed by their owner");
+    assert!(
+        !master.control.exists() && !pid_file.exists(),
+        "removed by their owner"
+    );
 }
 
 /// `reborn stop` while no worker lives (a crash loop, waiting out its back-off): the
@@ -92,8 +102,7 @@ fn stop_with_no_worker_alive_is_answered() {
     // Crashes in a row grow the back-off (0.1, 0.2, 0.4, 0.8s…): wait for a long one.
     wait_for("a long back-off with no worker", PATIENCE, || {
         let s = master.status();
-        (s["crashes_in_a_row"].as_u64()? >= 4 && s["workers"].as_array()?.is_empty())
-            .then_some(())
+        (s["crashes_in_a_row"].as_u64()? >= 4 && s["workers"].as_array()?.is_empty()).then_some(())
     });
     let out = master.client("stop", &[]);
     let text = format!(
@@ -172,12 +181,18 @@ fn stop_reaches_the_workers_whole_process_group() {
     let child = read_pid(&child_pid);
     assert!(alive(child));
     let out = master.client("stop", &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(master.proc.wait_exit(PATIENCE), Some(0));
     assert!(!alive(worker), "the worker");
-    wait_for("the worker's background process to be gone", PATIENCE, || {
-        (!alive(child)).then_some(())
-    });
+    wait_for(
+        "the worker's background process to be gone",
+        PATIENCE,
+        || (!alive(child)).then_some(()),
+    );
 }
 
 /// A worker that exits while a process it started in the background still runs (it
@@ -260,7 +275,8 @@ fn messages_say_what_happened_and_what_to_do() {
     let (ok, text) = master.upgrade();
     assert!(!ok);
     assert!(
-        text.contains("is not executable") && text.contains(&format!("chmod +x {}", script.display())),
+        text.contains("is not executable")
+            && text.contains(&format!("chmod +x {}", script.display())),
         "{text}"
     );
     // Missing: say check the path.
@@ -283,7 +299,10 @@ fn messages_say_what_happened_and_what_to_do() {
     });
     assert!(line.contains("stopped (SIGTERM, as asked)"), "{line}");
     assert!(!line.contains("killed"), "{line}");
-    assert!(line.contains("lifetime=") && line.contains("drained_in="), "{line}");
+    assert!(
+        line.contains("lifetime=") && line.contains("drained_in="),
+        "{line}"
+    );
 }
 
 /// The control socket serves at most 64 connections at once (one more is answered with
@@ -311,13 +330,23 @@ fn control_connections_are_capped_and_idle_ones_time_out() {
     let reply: serde_json::Value = serde_json::from_str(&line).expect("a JSON reply line");
     assert_eq!(reply["ok"], false, "{line}");
     assert!(
-        reply["message"].as_str().unwrap().contains("64 control connections"),
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("64 control connections"),
         "{line}"
     );
     let mut rest = String::new();
-    assert_eq!(reader.read_to_string(&mut rest).unwrap(), 0, "closed after it");
+    assert_eq!(
+        reader.read_to_string(&mut rest).unwrap(),
+        0,
+        "closed after it"
+    );
     let out = master.client("status", &[]);
-    assert!(!out.status.success(), "the cap holds for the real client too");
+    assert!(
+        !out.status.success(),
+        "the cap holds for the real client too"
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("the master is busy"),
         "{}",
@@ -326,7 +355,8 @@ fn control_connections_are_capped_and_idle_ones_time_out() {
 
     // The idle ones are closed at about 10 s; the master serves again.
     for mut conn in idle {
-        conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         let mut buf = [0u8; 16];
         assert_eq!(conn.read(&mut buf).unwrap(), 0, "closed without an answer");
     }
@@ -335,9 +365,11 @@ fn control_connections_are_capped_and_idle_ones_time_out() {
         took >= Duration::from_secs(9) && took < Duration::from_secs(40),
         "{took:?}"
     );
-    wait_for("the master to serve control connections again", PATIENCE, || {
-        master.client("status", &[]).status.success().then_some(())
-    });
+    wait_for(
+        "the master to serve control connections again",
+        PATIENCE,
+        || master.client("status", &[]).status.success().then_some(()),
+    );
 }
 
 /// A server that moved its listener: it closes the socket it was handed (fd 3), binds
@@ -369,18 +401,20 @@ fn a_worker_that_moves_its_listener_is_loud() {
     let python = common::require_tool("python3", "apt-get install -y python3");
     let mover = dir.path().join("mover.py");
     std::fs::write(&mover, MOVER).unwrap();
-    let moved = format!(
-        "#!/bin/sh\nexec {} {}\n",
-        python.display(),
-        mover.display()
-    );
+    let moved = format!("#!/bin/sh\nexec {} {}\n", python.display(), mover.display());
     replace_with_script(&app, &moved);
     let (ok, text) = master.upgrade();
     let listener = format!("listener http ({})", master.addr);
     assert!(!ok, "{text}");
     assert!(text.contains(&listener), "{text}");
-    assert!(text.contains("closed the socket it was handed and listens on 127.0.0.1:"), "{text}");
-    assert!(text.contains(&format!("(pid {old_pid}) keeps serving")), "{text}");
+    assert!(
+        text.contains("closed the socket it was handed and listens on 127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("(pid {old_pid}) keeps serving")),
+        "{text}"
+    );
     master.proc.wait_line("the ERROR", |l| {
         (l.contains("ERROR") && l.contains(&listener)).then_some(())
     });
@@ -406,7 +440,10 @@ fn a_worker_that_moves_its_listener_is_loud() {
     );
     let out = second.client("status", &[]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("WARNING: ") && text.contains(&listener), "{text}");
+    assert!(
+        text.contains("WARNING: ") && text.contains(&listener),
+        "{text}"
+    );
 }
 
 /// A master killed with SIGKILL leaves its workers' notify directory behind; the next
@@ -444,7 +481,12 @@ fn a_killed_masters_notify_directory_is_swept() {
         .map(|v| std::path::PathBuf::from(String::from_utf8_lossy(v).into_owned()))
         .expect("the worker's NOTIFY_SOCKET");
     let stale = notify.parent().unwrap().to_path_buf();
-    assert_eq!(stale.parent().unwrap(), runtime.path(), "{}", stale.display());
+    assert_eq!(
+        stale.parent().unwrap(),
+        runtime.path(),
+        "{}",
+        stale.display()
+    );
     signal(first.pid(), libc::SIGKILL);
     first.proc.wait_exit(PATIENCE);
     wait_for("the worker to die with its master", PATIENCE, || {
@@ -460,7 +502,9 @@ fn a_killed_masters_notify_directory_is_swept() {
         runtime
             .path()
             .join(format!("reborn-notify-{ns}-{}-live01", std::process::id())),
-        runtime.path().join(format!("reborn-notify-{ns}-999999999-files1")),
+        runtime
+            .path()
+            .join(format!("reborn-notify-{ns}-999999999-files1")),
     ];
     for k in &keep {
         std::fs::create_dir(k).unwrap();
@@ -477,4 +521,56 @@ fn a_killed_masters_notify_directory_is_swept() {
     for k in &keep {
         assert!(k.is_dir(), "{} is left alone", k.display());
     }
+}
+
+/// `--liveness`: a worker that hangs (here SIGSTOPped: it still holds the socket, and the
+/// kernel still queues connections for it, but nothing answers) fails its probe; after
+/// the failures in a row the master logs an ERROR naming the probe, kills the worker
+/// and restarts it as after a crash.
+#[test]
+fn liveness_probe_restarts_a_hung_worker() {
+    let dir = tempdir();
+    let port = reborn_testkit::free_port();
+    let app = copy_to(&bench_server(), dir.path(), "app");
+    let probe = format!("http:127.0.0.1:{port}/ping");
+    let master = Master::start_on(
+        dir.path(),
+        &format!("127.0.0.1:{port}"),
+        &[
+            "--liveness",
+            &probe,
+            "--liveness-interval",
+            "200ms",
+            "--liveness-timeout",
+            "500ms",
+            "--liveness-failures",
+            "3",
+        ],
+        &[
+            app.as_os_str(),
+            OsStr::new("--addr"),
+            OsStr::new("127.0.0.1:0"),
+        ],
+    );
+    let hung = master.wait_serving();
+    assert_eq!(ping(master.addr).1, hung);
+    signal(hung, libc::SIGSTOP);
+    let line = master.proc.wait_line("the liveness ERROR", |l| {
+        (l.contains("ERROR") && l.contains("liveness probes in a row failed")).then(|| l.to_owned())
+    });
+    assert!(
+        line.contains(&format!("http://127.0.0.1:{port}/ping"))
+            && line.contains(&format!("pid {hung}")),
+        "{line}"
+    );
+    let next = wait_for("a restarted worker", PATIENCE, || {
+        master.serving_pid().filter(|p| *p != hung)
+    });
+    assert!(!alive(hung), "the hung worker is gone");
+    assert_eq!(ping(master.addr).1, next);
+    assert_eq!(master.status()["crashes"], 1);
+    master.proc.wait_line("the crash's reason", |l| {
+        l.contains("was killed by SIGKILL (its liveness probe failed)")
+            .then_some(())
+    });
 }

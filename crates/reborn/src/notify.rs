@@ -446,7 +446,14 @@ mod tests {
         assert_eq!(dir_owner("reborn-notify-7-12-"), None);
         assert_eq!(dir_owner("reborn-notify-7-12-a.b"), None);
         let dir = NotifyDir::new().unwrap();
-        let name = dir.dir.path().file_name().unwrap().to_str().unwrap().to_owned();
+        let name = dir
+            .dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
         assert_eq!(
             dir_owner(&name),
             Some((pid_namespace(), std::process::id() as i32)),
