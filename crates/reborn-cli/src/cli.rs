@@ -73,7 +73,9 @@ and RELOADING=1 … READY=1 around each upgrade; when systemd passes sockets to 
 (socket activation) they are handed on first.
 
 Exit status: 0 after a stop (SIGTERM, SIGINT, `reborn stop`); 1 when the master cannot
-start (program not found, address in use, bad control socket...); 2 for a usage error.
+start (program not found, address in use, bad control socket...) or its first worker
+exits before it was ever ready (the program cannot start: it is not retried); 2 for a
+usage error.
 Set REBORN_LOG=debug|info|warn|error for more or less logging (on stderr).";
 
 const CONTROL_AFTER: &str = "\
@@ -208,6 +210,27 @@ pub struct RunArgs {
     /// at 100ms and doubles).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub backoff_max: Duration,
+
+    /// A liveness probe of the serving worker: http:HOST:PORT/PATH (or http:URL), which
+    /// must answer 2xx, or tcp:HOST:PORT, which must accept. After --liveness-failures
+    /// failures in a row the master logs an ERROR naming the probe and restarts the
+    /// worker as after a crash (SIGKILL to its process group, then the back-off). An
+    /// http probe may aim at a shared listener (a hung worker does not answer there); a
+    /// tcp probe may not (the master's socket accepts for any worker). Off by default.
+    #[arg(long, value_name = "PROBE", value_parser = parse_liveness)]
+    pub liveness: Option<ReadyMode>,
+
+    /// How often the liveness probe runs.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub liveness_interval: Duration,
+
+    /// How long one liveness probe may take before it counts as failed.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub liveness_timeout: Duration,
+
+    /// How many liveness probes in a row must fail before the worker is restarted.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub liveness_failures: u32,
 
     /// The listen backlog of the sockets the master binds.
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(i32).range(1..=65535))]
@@ -370,6 +393,22 @@ pub fn parse_ready(s: &str) -> Result<ReadyMode, String> {
     }
 }
 
+/// Parses `--liveness`: `http:HOST:PORT/PATH`, `http:http://HOST:PORT/PATH` or
+/// `tcp:HOST:PORT`.
+pub fn parse_liveness(s: &str) -> Result<ReadyMode, String> {
+    let spelled = match s.strip_prefix("http:") {
+        Some(rest) if !rest.starts_with("http://") => format!("http:http://{rest}"),
+        _ => s.to_owned(),
+    };
+    match parse_ready(&spelled) {
+        Ok(mode @ (ReadyMode::Http(_) | ReadyMode::Tcp(_))) => Ok(mode),
+        _ => Err(format!(
+            "{s:?} is not a liveness probe; use http:HOST:PORT/PATH \
+             (http:127.0.0.1:8080/health) or tcp:HOST:PORT"
+        )),
+    }
+}
+
 fn parse_http_url(url: &str) -> Result<HttpTarget, String> {
     let rest = url.strip_prefix("http://").ok_or_else(|| {
         format!(
@@ -467,6 +506,21 @@ mod tests {
                 .contains("not a listen address")
         );
         assert!(parse_listen("a:b=127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn liveness() {
+        let ReadyMode::Http(t) = parse_liveness("http:127.0.0.1:8080/health").unwrap() else {
+            panic!("http")
+        };
+        assert_eq!(
+            (t.authority.as_str(), t.path.as_str()),
+            ("127.0.0.1:8080", "/health")
+        );
+        assert!(parse_liveness("http:http://127.0.0.1:8080/").is_ok());
+        assert!(parse_liveness("tcp:127.0.0.1:9").is_ok());
+        assert!(parse_liveness("notify").is_err());
+        assert!(parse_liveness("delay:1s").is_err());
     }
 
     #[test]

@@ -11,12 +11,14 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc::UnboundedSender, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc::UnboundedSender, oneshot};
 
 use crate::supervisor::Event;
 
@@ -107,6 +109,10 @@ pub struct Status {
     pub crashes: u64,
     /// Crashes in a row (reset once a worker stays up).
     pub crashes_in_a_row: u32,
+    /// Problems that need a person: e.g. a serving worker that does not use one of the
+    /// master's listeners (its clients hang).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One worker.
@@ -188,24 +194,112 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Answers control connections until the runtime ends.
-pub fn serve(listener: UnixListener, events: UnboundedSender<Event>) {
+/// The control connections being answered, for the master to let every answer it gave
+/// reach its client before it exits.
+#[derive(Debug, Clone, Default)]
+pub struct Answers {
+    inner: Arc<AnswersInner>,
+}
+
+#[derive(Debug, Default)]
+struct AnswersInner {
+    /// Requests read and not answered on the wire yet.
+    pending: AtomicUsize,
+    /// Woken when `pending` drops to 0.
+    done: Notify,
+}
+
+/// One request being answered; counted while it lives.
+struct Answering(Arc<AnswersInner>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if self.0.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.done.notify_waiters();
+        }
+    }
+}
+
+impl Answers {
+    fn begin(&self) -> Answering {
+        self.inner.pending.fetch_add(1, Ordering::SeqCst);
+        Answering(self.inner.clone())
+    }
+
+    /// Waits until every request read so far has its answer written (the supervisor has
+    /// answered or dropped each), or `timeout` passes. Run after the supervisor has
+    /// returned, so that, e.g., the answer to the `stop` that ended it is not lost with
+    /// the runtime.
+    pub async fn settle(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, async {
+            loop {
+                let done = self.inner.done.notified();
+                if self.inner.pending.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                done.await;
+            }
+        })
+        .await;
+    }
+}
+
+/// The most control connections served at once; more are answered with an error and
+/// closed, so that clients that hold connections open cannot exhaust the master's fds.
+/// (Each connection also has 10 s to send its request line, or it is closed.)
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Tells a connection over the cap why it is closed, in one reply line.
+async fn refuse_busy(mut stream: UnixStream) {
+    let reply = Reply::err(format!(
+        "the master is busy: {MAX_CONNECTIONS} control connections are open already; try \
+         again in a moment"
+    ));
+    let mut text = serde_json::to_string(&reply).unwrap_or_else(|_| "{}".into());
+    text.push('\n');
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(text.as_bytes())).await;
+}
+
+/// Answers control connections until the runtime ends, at most [`MAX_CONNECTIONS`] at a
+/// time.
+pub fn serve(listener: UnixListener, path: &Path, events: UnboundedSender<Event>) -> Answers {
+    let path = path.to_path_buf();
+    let answers = Answers::default();
+    let counted = answers.clone();
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(handle(stream, events.clone()));
-                }
+                Ok((stream, _)) => match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let (events, counted) = (events.clone(), counted.clone());
+                        tokio::spawn(async move {
+                            handle(stream, events, counted).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            socket = %path.display(),
+                            "control socket: {MAX_CONNECTIONS} connections are open already; \
+                             refused one"
+                        );
+                        tokio::spawn(refuse_busy(stream));
+                    }
+                },
                 Err(e) => {
-                    tracing::warn!(error = %e, "control socket: accept failed");
+                    tracing::warn!(socket = %path.display(), error = %e, "control socket: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
     });
+    answers
 }
 
-async fn handle(stream: UnixStream, events: UnboundedSender<Event>) {
+async fn handle(stream: UnixStream, events: UnboundedSender<Event>, answers: Answers) {
+    // Counted from before the request is read until its answer is written.
+    let answering = answers.begin();
     let me = nix::unistd::geteuid().as_raw();
     let peer = stream.peer_cred().map(|c| c.uid()).ok();
     let (read, mut write) = stream.into_split();
@@ -240,6 +334,7 @@ async fn handle(stream: UnixStream, events: UnboundedSender<Event>) {
     if write.write_all(text.as_bytes()).await.is_err() {
         return;
     }
+    drop(answering);
     if stop {
         // Keep the connection until the master exits: the client waits for EOF.
         std::future::pending::<()>().await;

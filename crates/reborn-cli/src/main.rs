@@ -12,7 +12,9 @@
 //! * [`listen`]: the listening sockets (from systemd or bound);
 //! * [`spawner`]: forking workers from one long-lived thread (parent-death signal);
 //! * [`reaper`]: collecting exit statuses in one place, orphans included;
+//! * [`groups`]: the workers' process groups (signalled whole, leftovers found);
 //! * [`readiness`]: notify messages and readiness probes;
+//! * [`sockets`]: which of the master's listeners a worker really uses;
 //! * [`supervisor`]: the state machine of workers, upgrades, crashes and stop;
 //! * [`control`]: the control socket and its protocol (`upgrade`, `status`, `stop`);
 //! * [`sdnotify`]: the master's own reports to systemd;
@@ -20,18 +22,21 @@
 
 mod cli;
 mod control;
+mod groups;
 mod listen;
 mod paths;
 mod pinned;
 mod readiness;
 mod reaper;
 mod sdnotify;
+mod sockets;
 mod spawner;
 mod supervisor;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -101,7 +106,14 @@ fn run(args: RunArgs) -> ExitCode {
              master spin",
         );
     }
-    if let Err(msg) = check_probe(&args.ready, &args.listen) {
+    if let Err(msg) = check_probe("--ready", &args.ready, &args.listen) {
+        return fail(msg);
+    }
+    // A tcp liveness probe of a shared listener would be accepted by the master's socket
+    // whatever the worker does; an http one needs the worker's answer.
+    if let Some(probe @ ReadyMode::Tcp(_)) = &args.liveness
+        && let Err(msg) = check_probe("--liveness", probe, &args.listen)
+    {
         return fail(msg);
     }
     let listeners = match listen::collect(process_env.sockets, &args.listen, args.backlog) {
@@ -129,6 +141,12 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
+    for stale in reborn::notify::sweep_stale_dirs() {
+        tracing::info!(
+            dir = %stale.display(),
+            "removed the notify directory of a master that is gone (it was killed)"
+        );
+    }
     if let Err(e) = reaper::become_subreaper() {
         tracing::warn!(error = %e, "cannot become a child subreaper; orphans of workers go to init");
     }
@@ -152,6 +170,13 @@ fn run(args: RunArgs) -> ExitCode {
         backoff_max: args.backoff_max,
         probation: args.probation,
         listeners: listeners.iter().map(|l| l.status()).collect(),
+        listener_inodes: listeners.iter().map(|l| sockets::inode(&l.fd)).collect(),
+        liveness: args.liveness.map(|probe| readiness::Liveness {
+            probe,
+            interval: args.liveness_interval,
+            timeout: args.liveness_timeout,
+            failures: args.liveness_failures,
+        }),
     };
     let sockets = listeners.into_iter().map(|l| (l.fd, l.name)).collect();
     let upstream = sdnotify::Upstream::new(process_env.notify_socket);
@@ -164,9 +189,12 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
     let pid_file = args.pid_file;
+    // What this process made, removed at its exit; nothing that another master made.
+    let mut made = paths::RuntimeFiles::new();
     let result = runtime.block_on(async {
         let signals = supervisor::MasterSignals::install()?;
         let control = control::bind(&control_path)?;
+        made.made(&control_path);
         tracing::info!("control socket: {}", control_path.display());
         if let Some(path) = &pid_file {
             paths::write_pid_file(path, std::process::id()).map_err(|e| {
@@ -178,21 +206,23 @@ fn run(args: RunArgs) -> ExitCode {
                     ),
                 )
             })?;
+            made.made(path);
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        control::serve(control, tx.clone());
+        let answers = control::serve(control, &control_path, tx.clone());
         let spawner = spawner::Spawner::start(sockets, tx.clone())?;
         if upstream.is_active() {
             tracing::info!("reporting to the service manager through NOTIFY_SOCKET");
         }
-        supervisor::Supervisor::new(cfg, tx, spawner, upstream)
+        let result = supervisor::Supervisor::new(cfg, tx, spawner, upstream)
             .run(signals, rx)
-            .await
+            .await;
+        // The answers given (the `stop` that ended the loop among them) reach their
+        // clients before the runtime, and the tasks writing them, go.
+        answers.settle(Duration::from_secs(2)).await;
+        result
     });
-    let _ = std::fs::remove_file(&control_path);
-    if let Some(path) = &pid_file {
-        let _ = std::fs::remove_file(path);
-    }
+    drop(made);
     // Ends the tasks still holding `reborn stop` connections: their clients see EOF.
     drop(runtime);
     match result {
@@ -235,7 +265,7 @@ fn check_program(program: &OsString) -> Result<(), String> {
 
 /// A tcp or http probe aimed at a shared listener would be answered by the old worker
 /// (or queued by the master's socket), so it proves nothing: refuse it.
-fn check_probe(ready: &ReadyMode, listens: &[cli::ListenSpec]) -> Result<(), String> {
+fn check_probe(flag: &str, ready: &ReadyMode, listens: &[cli::ListenSpec]) -> Result<(), String> {
     use std::net::ToSocketAddrs;
     let target = match ready {
         ReadyMode::Tcp(a) => a.clone(),
@@ -256,10 +286,15 @@ fn check_probe(ready: &ReadyMode, listens: &[cli::ListenSpec]) -> Result<(), Str
             });
             if clash {
                 return Err(format!(
-                    "--ready probes {target}, which is the shared listener {}: the old worker \
+                    "{flag} probes {target}, which is the shared listener {}: the old worker \
                      (or the master's queue) would answer, so the probe proves nothing; probe a \
-                     health address of the worker's own, or use --ready notify",
-                    spec.addr
+                     health address of the worker's own{}",
+                    spec.addr,
+                    if flag == "--ready" {
+                        ", or use --ready notify"
+                    } else {
+                        ", or an http: probe, which needs the worker's answer"
+                    }
                 ));
             }
         }
@@ -345,4 +380,7 @@ fn print_status(s: &control::Status) {
         None => println!("last upgrade: none"),
     }
     println!("crashes: {} ({} in a row)", s.crashes, s.crashes_in_a_row);
+    for w in &s.warnings {
+        println!("WARNING: {w}");
+    }
 }

@@ -138,6 +138,57 @@ pub fn write_pid_file(path: &Path, pid: u32) -> io::Result<()> {
     })
 }
 
+/// The runtime files this process made (its control socket, its PID file), removed when
+/// dropped — and only those: a `reborn run` that is refused because another master runs
+/// under the same name made nothing, so it removes nothing, and a file that was replaced
+/// since (another inode) is left to whoever made it.
+#[derive(Debug, Default)]
+pub struct RuntimeFiles {
+    made: Vec<MadeFile>,
+}
+
+#[derive(Debug)]
+struct MadeFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl RuntimeFiles {
+    /// Nothing made yet.
+    pub fn new() -> RuntimeFiles {
+        RuntimeFiles::default()
+    }
+
+    /// Records that this process just made the file at `path` (as it is now on disk).
+    pub fn made(&mut self, path: &Path) {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) => self.made.push(MadeFile {
+                path: path.to_path_buf(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }),
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "cannot look at a file just made; it will not be removed at exit"
+            ),
+        }
+    }
+}
+
+impl Drop for RuntimeFiles {
+    fn drop(&mut self) {
+        for f in self.made.drain(..).rev() {
+            let same = std::fs::symlink_metadata(&f.path)
+                .is_ok_and(|m| m.dev() == f.dev && m.ino() == f.ino);
+            if same {
+                let _ = std::fs::remove_file(&f.path);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

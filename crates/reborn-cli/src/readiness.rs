@@ -39,12 +39,23 @@ pub fn watch_notify(
         loop {
             match receiver.recv().await {
                 Ok(message) => {
-                    if events.send(Event::Notify { generation, message }).is_err() {
+                    if events
+                        .send(Event::Notify {
+                            generation,
+                            message,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(generation, error = %e, "cannot read the worker's notify socket");
+                    tracing::warn!(
+                        generation,
+                        socket = %std::path::Path::new(&receiver.address()).display(),
+                        error = %e,
+                        "cannot read the worker's notify socket"
+                    );
                     return;
                 }
             }
@@ -67,35 +78,109 @@ pub fn start_probe(
             tokio::time::sleep(d).await;
             let _ = events.send(Event::ProbeReady { generation });
         }),
-        ReadyMode::Tcp(addr) => tokio::spawn(async move {
+        probe => tokio::spawn(async move {
             loop {
-                let attempt =
-                    tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(&addr))
-                        .await;
-                if let Ok(Ok(_)) = attempt {
-                    let _ = events.send(Event::ProbeReady { generation });
-                    return;
-                }
-                tokio::time::sleep(PROBE_INTERVAL).await;
-            }
-        }),
-        ReadyMode::Http(target) => tokio::spawn(async move {
-            loop {
-                match tokio::time::timeout(PROBE_TIMEOUT, http_status(&target)).await {
-                    Ok(Ok(status)) if (200..300).contains(&status) => {
+                match probe_once(&probe, PROBE_TIMEOUT).await {
+                    Ok(()) => {
                         let _ = events.send(Event::ProbeReady { generation });
                         return;
                     }
-                    Ok(Ok(status)) => {
-                        tracing::debug!(generation, status, "readiness probe: not 2xx yet")
-                    }
-                    _ => {}
+                    Err(e) => tracing::debug!(generation, error = %e, "readiness probe: not yet"),
                 }
                 tokio::time::sleep(PROBE_INTERVAL).await;
             }
         }),
     };
     Some(task.abort_handle())
+}
+
+/// One attempt of a `tcp` or `http` probe, within `timeout`: a connect that succeeds, a
+/// `GET` answered 2xx. The one implementation behind `--ready` and `--liveness`.
+pub async fn probe_once(mode: &ReadyMode, timeout: Duration) -> Result<(), String> {
+    let attempt = async {
+        match mode {
+            ReadyMode::Tcp(addr) => tokio::net::TcpStream::connect(addr)
+                .await
+                .map(drop)
+                .map_err(|e| format!("cannot connect to {addr}: {e}")),
+            ReadyMode::Http(target) => match http_status(target).await {
+                Ok(status) if (200..300).contains(&status) => Ok(()),
+                Ok(status) => Err(format!("answered {status}")),
+                Err(e) => Err(format!("no answer: {e}")),
+            },
+            ReadyMode::Notify | ReadyMode::Delay(_) => Ok(()),
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no answer within {}",
+            crate::supervisor::human(timeout)
+        )),
+    }
+}
+
+/// A liveness probe of a serving worker: how, how often, and how many failures in a row
+/// make it dead.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    /// The probe (`tcp` or `http`).
+    pub probe: ReadyMode,
+    /// The wait between two probes.
+    pub interval: Duration,
+    /// How long one probe may take.
+    pub timeout: Duration,
+    /// Failures in a row that make the worker dead.
+    pub failures: u32,
+}
+
+impl Liveness {
+    /// The probe, for people: `http://127.0.0.1:8080/health`, `tcp:127.0.0.1:9000`.
+    pub fn describe(&self) -> String {
+        match &self.probe {
+            ReadyMode::Http(t) => format!("http://{}{}", t.host, t.path),
+            ReadyMode::Tcp(a) => format!("tcp:{a}"),
+            other => format!("{other:?}"),
+        }
+    }
+}
+
+/// Probes the worker of `generation` for as long as the returned task lives; after
+/// `failures` failures in a row sends [`Event::LivenessFailed`] and ends.
+pub fn start_liveness(
+    generation: u64,
+    liveness: &Liveness,
+    events: UnboundedSender<Event>,
+) -> AbortHandle {
+    let liveness = liveness.clone();
+    tokio::spawn(async move {
+        let mut failed = 0;
+        loop {
+            tokio::time::sleep(liveness.interval).await;
+            match probe_once(&liveness.probe, liveness.timeout).await {
+                Ok(()) => failed = 0,
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(
+                        generation,
+                        probe = %liveness.describe(),
+                        failed,
+                        of = liveness.failures,
+                        "liveness probe failed: {e}"
+                    );
+                    if failed >= liveness.failures {
+                        let reason = format!(
+                            "{failed} liveness probes in a row failed ({}), the last: {e}",
+                            liveness.describe()
+                        );
+                        let _ = events.send(Event::LivenessFailed { generation, reason });
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .abort_handle()
 }
 
 /// Sends `GET` and returns the response's status code.

@@ -31,7 +31,11 @@ impl Upstream {
         if let Some(socket) = &self.socket
             && let Err(e) = send(socket, &message.encode())
         {
-            tracing::warn!(error = %e, "cannot notify the service manager");
+            tracing::warn!(
+                socket = %std::path::Path::new(socket).display(),
+                error = %e,
+                "cannot notify the service manager at its NOTIFY_SOCKET"
+            );
         }
     }
 

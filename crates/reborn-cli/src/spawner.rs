@@ -103,6 +103,9 @@ fn spawn_one(
     }
     let mut cmd = spec.command()?;
     cmd.stdin(Stdio::null());
+    // A process group of its own (setpgid in the child, before exec: async-signal-safe),
+    // so that what the worker starts is stopped with it (see `crate::groups`).
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let child = cmd.spawn()?;
     // The reaper collects the status; dropping `Child` does not wait.
     Ok(child.id())

@@ -29,9 +29,11 @@ use tokio::task::AbortHandle;
 
 use crate::cli::ReadyMode;
 use crate::control::{ListenerStatus, Reply, Request, Status, UpgradeStatus, WorkerStatus};
+use crate::groups;
 use crate::pinned::Binary;
 use crate::reaper;
 use crate::sdnotify::Upstream;
+use crate::sockets;
 use crate::spawner::{SpawnJob, Spawner};
 
 /// The master's signal handlers. Installed before anything announces the master (the
@@ -101,6 +103,18 @@ pub enum Event {
         /// The worker's generation.
         generation: u64,
     },
+    /// The deadline of the processes a worker left behind in its group passed.
+    GroupDeadline {
+        /// The group (the gone worker's PID).
+        pgid: u32,
+    },
+    /// The serving worker failed its liveness probe too often in a row.
+    LivenessFailed {
+        /// The worker's generation.
+        generation: u64,
+        /// What failed, for the log.
+        reason: String,
+    },
     /// A draining worker's deadline passed.
     DrainDeadline {
         /// The worker's generation.
@@ -145,6 +159,11 @@ pub struct Config {
     pub probation: Duration,
     /// The listeners, for `status`.
     pub listeners: Vec<ListenerStatus>,
+    /// Their socket inodes (as in `/proc/PID/fd`), in the same order, to tell whether a
+    /// worker uses them.
+    pub listener_inodes: Vec<Option<u64>>,
+    /// The serving worker's liveness probe, if any.
+    pub liveness: Option<crate::readiness::Liveness>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +187,12 @@ struct Worker {
     ready_at: Option<Instant>,
     role: Role,
     stop_sent: bool,
+    /// When it was told to stop (its stop signal sent).
+    stop_sent_at: Option<Instant>,
+    /// It was sent `SIGKILL` on purpose, and why.
+    killed_for: Option<&'static str>,
+    /// It does not use some of the master's listeners (see [`crate::sockets`]).
+    listener_problem: Option<String>,
     /// `READY=1` arrived before the PID did.
     ready_early: bool,
     /// It sent at least one notify message.
@@ -176,6 +201,8 @@ struct Worker {
     _notify: Arc<NotifyReceiver>,
     watcher: AbortHandle,
     probe: Option<AbortHandle>,
+    /// Its liveness probe, while it serves.
+    liveness: Option<AbortHandle>,
     /// Its pending timers (ready timeout, drain deadline): cancelled once they cannot
     /// matter, so that frequent upgrades do not pile up sleeping tasks.
     ready_timer: Option<AbortHandle>,
@@ -201,6 +228,7 @@ impl Drop for Worker {
         self.watcher.abort();
         for task in [
             &self.probe,
+            &self.liveness,
             &self.ready_timer,
             &self.drain_timer,
             &self.probation_timer,
@@ -256,6 +284,19 @@ pub struct Supervisor {
     pinned: Option<(u64, Arc<Binary>)>,
     /// `reborn upgrade` clients waiting for the end of a new worker's probation.
     probation_waiters: Vec<(u64, oneshot::Sender<Reply>)>,
+    /// Why the master gives up (the first worker could not start at all): the loop ends
+    /// and the master exits non-zero with this reason.
+    fatal: Option<String>,
+    /// Groups whose leader (a worker) has gone while other processes of the group live:
+    /// they are being stopped; `SIGKILL` at their deadline, or when the master exits.
+    lingering: BTreeMap<u32, Lingering>,
+}
+
+/// What a gone worker left behind in its process group.
+#[derive(Debug)]
+struct Lingering {
+    label: String,
+    deadline: AbortHandle,
 }
 
 /// Formats a duration for people: `85ms`, `2.5s`.
@@ -299,6 +340,8 @@ impl Supervisor {
             ever_ready: false,
             pinned: None,
             probation_waiters: Vec::new(),
+            fatal: None,
+            lingering: BTreeMap::new(),
         }
     }
 
@@ -339,11 +382,21 @@ impl Supervisor {
                     None => break,
                 },
             }
-            if self.stopping && self.workers.is_empty() && self.spawning == 0 {
+            if let Some(reason) = self.fatal.take() {
+                self.upstream.status(reason.clone());
+                self.kill_lingering();
+                return Err(io::Error::other(reason));
+            }
+            if self.stopping
+                && self.workers.is_empty()
+                && self.spawning == 0
+                && self.lingering.is_empty()
+            {
                 break;
             }
         }
         tracing::info!("every worker has exited; the master exits");
+        self.kill_lingering();
         Ok(())
     }
 
@@ -357,10 +410,15 @@ impl Supervisor {
             Event::ProbeReady { generation } => self.on_ready(generation, "probe"),
             Event::ReadyTimeout { generation } => self.on_ready_timeout(generation),
             Event::DrainDeadline { generation } => self.on_drain_deadline(generation),
+            Event::GroupDeadline { pgid } => self.on_group_deadline(pgid),
+            Event::LivenessFailed { generation, reason } => {
+                self.on_liveness_failed(generation, reason)
+            }
             Event::ProbationOver { generation } => self.on_probation_over(generation),
             Event::Restart { token } => self.on_restart(token),
             Event::Control { request, reply } => match request {
                 Request::Status => {
+                    self.recheck_listeners();
                     let mut r = Reply::ok("status");
                     r.status = Some(self.status());
                     let _ = reply.send(r);
@@ -423,12 +481,16 @@ impl Supervisor {
                 ready_at: None,
                 role: Role::Starting(purpose),
                 stop_sent: false,
+                stop_sent_at: None,
+                killed_for: None,
+                listener_problem: None,
                 ready_early: false,
                 said_anything: false,
                 status: None,
                 _notify: notify,
                 watcher,
                 probe: None,
+                liveness: None,
                 ready_timer: Some(ready_timer),
                 drain_timer: None,
                 probation_timer: None,
@@ -447,13 +509,25 @@ impl Supervisor {
                 self.cfg.program
             )
         })?;
-        if !reborn::spawn::is_executable_file(&program) {
-            return Err(format!(
-                "{} is missing or not an executable file",
-                program.display()
-            ));
+        if reborn::spawn::is_executable_file(&program) {
+            return Ok(program);
         }
-        Ok(program)
+        let shown = program.display();
+        Err(match std::fs::metadata(&program) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => format!(
+                "{shown} is missing (no such file); check the path, or deploy the program there"
+            ),
+            Err(e) => {
+                format!("{shown} cannot be looked at ({e}); check the path and its permissions")
+            }
+            Ok(m) if m.is_dir() => {
+                format!("{shown} is a directory, not a program; give the program inside it")
+            }
+            Ok(_) => format!(
+                "{shown} is not executable; `chmod +x {shown}` (or run it through its \
+                 interpreter, e.g. -- python3 {shown})"
+            ),
+        })
     }
 
     fn on_spawned(&mut self, generation: u64, result: io::Result<u32>) {
@@ -485,7 +559,7 @@ impl Supervisor {
                     _ => "",
                 };
                 let reason = format!("could not be started ({:?}: {e}{hint})", self.cfg.program);
-                self.worker_gone(generation, reason);
+                self.worker_gone(generation, None, reason);
             }
         }
         // A zombie that arrived while a spawn was in flight may be waiting.
@@ -535,11 +609,46 @@ impl Supervisor {
             self.stop_worker(generation);
             return;
         }
+        if let Some(problem) = self.listener_problem(generation) {
+            tracing::error!("{problem}");
+            match purpose {
+                // Safe: the old worker keeps serving the master's sockets.
+                Purpose::Upgrade => {
+                    self.stop_worker(generation);
+                    let msg = format!(
+                        "upgrade failed: the new worker, {problem}; it is being stopped. \
+                         Have the program use the sockets it is handed (LISTEN_FDS, the names \
+                         in LISTEN_FDNAMES), or restart `reborn run` with the new --listen"
+                    );
+                    self.finish_upgrade(generation, false, msg);
+                    if self.current.is_none() {
+                        self.schedule_restart();
+                    }
+                    return;
+                }
+                // No other worker to keep: it serves, loudly (`reborn status` warns).
+                Purpose::Replace => {
+                    if let Some(w) = self.workers.get_mut(&generation) {
+                        w.listener_problem = Some(problem);
+                    }
+                }
+            }
+        }
+        let Some(w) = self.workers.get_mut(&generation) else {
+            return;
+        };
         for task in [w.probe.take(), w.ready_timer.take()].into_iter().flatten() {
             task.abort();
         }
         w.role = Role::Serving;
         w.ready_at = Some(Instant::now());
+        if let Some(liveness) = &self.cfg.liveness {
+            w.liveness = Some(crate::readiness::start_liveness(
+                generation,
+                liveness,
+                self.events.clone(),
+            ));
+        }
         let took = w.started.elapsed();
         let label = w.label();
         let probation = self.cfg.probation;
@@ -636,6 +745,71 @@ impl Supervisor {
         }
     }
 
+    /// What is wrong, if anything, with the listeners the worker of `generation` uses:
+    /// the master's listeners that no process of its group holds (it closed them), and
+    /// the addresses it listens on itself.
+    fn listener_problem(&self, generation: u64) -> Option<String> {
+        let w = self.workers.get(&generation)?;
+        let pid = w.pid?;
+        let ours: Vec<u64> = self.cfg.listener_inodes.iter().flatten().copied().collect();
+        if ours.is_empty() {
+            return None;
+        }
+        let mut members = groups::members(pid);
+        if members.is_empty() {
+            members.push(pid);
+        }
+        let held = sockets::held_by(&members, &ours);
+        if !held.readable {
+            return None;
+        }
+        let missing: Vec<String> = self
+            .cfg
+            .listeners
+            .iter()
+            .zip(&self.cfg.listener_inodes)
+            .filter(|(_, inode)| inode.is_some_and(|i| !held.sockets.contains(&i)))
+            .map(|(l, _)| {
+                format!(
+                    "{} ({})",
+                    l.name.as_deref().unwrap_or(reborn::activation::UNNAMED),
+                    l.address
+                )
+            })
+            .collect();
+        if missing.is_empty() {
+            return None;
+        }
+        let own = if held.own_listening.is_empty() {
+            String::new()
+        } else {
+            format!(" and listens on {} itself", held.own_listening.join(", "))
+        };
+        Some(format!(
+            "{} does not use the master's listener {}: it closed the socket it was handed{own}, \
+             so clients of that address queue with no one to accept them",
+            w.label(),
+            missing.join(", ")
+        ))
+    }
+
+    /// Looks again at the serving worker's listeners (for `reborn status`): a problem
+    /// found now is logged once, as an error.
+    fn recheck_listeners(&mut self) {
+        let Some(current) = self.current else {
+            return;
+        };
+        let problem = self.listener_problem(current);
+        if let Some(w) = self.workers.get_mut(&current)
+            && w.listener_problem != problem
+        {
+            if let Some(p) = &problem {
+                tracing::error!("{p}");
+            }
+            w.listener_problem = problem;
+        }
+    }
+
     // ---- probation --------------------------------------------------------------------
 
     fn on_probation_over(&mut self, generation: u64) {
@@ -724,8 +898,8 @@ impl Supervisor {
             return;
         };
         w.role = Role::Draining;
-        if let Some(p) = w.probe.take() {
-            p.abort();
+        for task in [w.probe.take(), w.liveness.take()].into_iter().flatten() {
+            task.abort();
         }
         if w.stop_sent {
             return;
@@ -735,8 +909,9 @@ impl Supervisor {
             return;
         };
         w.stop_sent = true;
+        w.stop_sent_at = Some(Instant::now());
         tracing::info!(worker = %w.label(), signal = %sig, drain = %human(drain), "stopping a worker");
-        if let Err(e) = kill(Pid::from_raw(pid as i32), sig) {
+        if let Err(e) = groups::signal(pid, sig) {
             tracing::warn!(worker = %w.label(), error = %e, "cannot signal the worker");
         }
         let timer = self.after(drain, Event::DrainDeadline { generation });
@@ -746,15 +921,120 @@ impl Supervisor {
     }
 
     fn on_drain_deadline(&mut self, generation: u64) {
-        if let Some(w) = self.workers.get(&generation)
+        if let Some(w) = self.workers.get_mut(&generation)
             && let Some(pid) = w.pid
         {
+            w.killed_for = Some("at the drain deadline");
             tracing::warn!(
                 worker = %w.label(),
-                "the worker did not exit within the drain timeout ({}); killing it",
+                "the worker did not exit within the drain timeout ({}); killing it and its \
+                 process group",
                 human(self.cfg.drain_timeout)
             );
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = groups::signal(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// The serving worker is hung (or dead to its clients): kill it, group and all; its
+    /// exit is then handled as a crash (restart after the back-off).
+    fn on_liveness_failed(&mut self, generation: u64, reason: String) {
+        let Some(w) = self.workers.get_mut(&generation) else {
+            return;
+        };
+        let Some(pid) = w.pid.filter(|_| w.role == Role::Serving) else {
+            return;
+        };
+        tracing::error!(
+            worker = %w.label(),
+            "{reason}; killing the worker (SIGKILL to its process group) to restart it"
+        );
+        w.killed_for = Some("its liveness probe failed");
+        if let Err(e) = groups::signal(pid, Signal::SIGKILL) {
+            tracing::warn!(worker = %w.label(), error = %e, "cannot kill the worker");
+        }
+    }
+
+    /// A gone worker's leftovers are still there at their deadline: kill them.
+    fn on_group_deadline(&mut self, pgid: u32) {
+        if let Some(l) = self.lingering.remove(&pgid) {
+            let left = groups::members(pgid);
+            if !left.is_empty() {
+                tracing::warn!(
+                    worker = %l.label,
+                    pids = ?left,
+                    "what the worker left in its process group is still there at the drain \
+                     deadline ({}); killing it",
+                    human(self.cfg.drain_timeout)
+                );
+                let _ = groups::signal(pgid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// The master exits: nothing it started may outlive it.
+    fn kill_lingering(&mut self) {
+        for (pgid, l) in std::mem::take(&mut self.lingering) {
+            l.deadline.abort();
+            if !groups::members(pgid).is_empty() {
+                tracing::warn!(worker = %l.label, "killing what the worker left in its process group");
+                let _ = groups::signal(pgid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Forgets the lingering groups that have emptied.
+    fn check_lingering(&mut self) {
+        if self.lingering.is_empty() {
+            return;
+        }
+        let gone: Vec<u32> = self
+            .lingering
+            .keys()
+            .copied()
+            .filter(|g| groups::members(*g).is_empty())
+            .collect();
+        for g in gone {
+            if let Some(l) = self.lingering.remove(&g) {
+                l.deadline.abort();
+                tracing::info!(worker = %l.label, "what the worker left in its process group has exited");
+            }
+        }
+    }
+
+    /// A worker has gone: if it left processes running in its group (it daemonized, or
+    /// backgrounded its server), say so, and stop them as the worker would have been.
+    fn stop_leftovers(&mut self, w: &Worker) {
+        let Some(pgid) = w.pid else {
+            return;
+        };
+        let left = groups::members(pgid);
+        if left.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            worker = %w.label(),
+            pids = ?left,
+            "the worker exited but left {} process(es) of its process group running: it \
+             daemonizes or starts its server in the background (`server &`), so the master \
+             supervises a process that is gone and not the server; run the server in the \
+             foreground (end a start script with `exec server`, turn off daemon mode). \
+             Stopping them ({} now, SIGKILL in {})",
+            left.len(),
+            self.cfg.stop_signal,
+            human(self.cfg.drain_timeout)
+        );
+        if !w.stop_sent {
+            let _ = groups::signal(pgid, self.cfg.stop_signal);
+        }
+        let deadline = self.after(self.cfg.drain_timeout, Event::GroupDeadline { pgid });
+        if let Some(old) = self.lingering.insert(
+            pgid,
+            Lingering {
+                label: w.label(),
+                deadline,
+            },
+        ) {
+            old.deadline.abort();
         }
     }
 
@@ -773,11 +1053,13 @@ impl Supervisor {
         if self.stopping {
             if hammer_if_repeated {
                 tracing::warn!("{why} again while stopping: killing every worker");
-                for w in self.workers.values() {
+                for w in self.workers.values_mut() {
                     if let Some(pid) = w.pid {
-                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        w.killed_for = Some("the stop was asked for again");
+                        let _ = groups::signal(pid, Signal::SIGKILL);
                     }
                 }
+                self.kill_lingering();
             }
             return;
         }
@@ -803,6 +1085,11 @@ impl Supervisor {
     // ---- exits and crashes --------------------------------------------------------------
 
     fn reap_children(&mut self) {
+        self.reap_exited();
+        self.check_lingering();
+    }
+
+    fn reap_exited(&mut self) {
         loop {
             let pid = match reaper::peek_exited() {
                 Ok(Some(pid)) => pid,
@@ -819,7 +1106,7 @@ impl Supervisor {
                         _ => return,
                     };
                     self.pids.remove(&pid);
-                    self.worker_gone(generation, status.to_string());
+                    self.worker_gone(generation, Some(status), status.to_string());
                 }
                 // A failed exec's child is reaped by the spawning thread itself: leave
                 // unknown children alone while a spawn is in flight.
@@ -832,12 +1119,14 @@ impl Supervisor {
         }
     }
 
-    fn worker_gone(&mut self, generation: u64, reason: String) {
+    fn worker_gone(&mut self, generation: u64, status: Option<reaper::ExitStatus>, reason: String) {
         let Some(w) = self.workers.remove(&generation) else {
             return;
         };
+        self.stop_leftovers(&w);
         let label = w.label();
         let lived = w.started.elapsed();
+        let reason = self.why_gone(&w, status).unwrap_or(reason);
         let when = if reason.starts_with("could not be started") {
             ""
         } else {
@@ -845,7 +1134,16 @@ impl Supervisor {
         };
         match w.role {
             Role::Draining => {
-                tracing::info!(worker = %label, after = %human(lived), "a stopped worker {reason}");
+                let drained = w
+                    .stop_sent_at
+                    .map(|t| human(t.elapsed()))
+                    .unwrap_or_else(|| "-".into());
+                tracing::info!(
+                    worker = %label,
+                    lifetime = %human(lived),
+                    drained_in = %drained,
+                    "a stopped worker {reason}"
+                );
             }
             Role::Starting(Purpose::Upgrade) => {
                 let msg = format!("upgrade failed: the new worker, {label}, {reason}{when}");
@@ -853,6 +1151,16 @@ impl Supervisor {
                 if self.current.is_none() && !self.stopping {
                     self.schedule_restart();
                 }
+            }
+            Role::Starting(Purpose::Replace) if self.first_start_failed() => {
+                // Like supervisord's `startsecs`: a program that cannot start at all
+                // (a bad flag, a missing library) is not retried forever.
+                self.fatal = Some(format!(
+                    "the program cannot start: its first worker, {label}, {reason}{when}; \
+                     the master gives up (only a worker that was ready once is restarted \
+                     after a crash). Its own output above says why; fix the program or \
+                     its arguments, then run the master again"
+                ));
             }
             Role::Starting(Purpose::Replace) => {
                 tracing::warn!(worker = %label, "the worker {reason}{when}");
@@ -863,7 +1171,7 @@ impl Supervisor {
                 if self.current == Some(generation) {
                     self.current = None;
                 }
-                tracing::warn!(worker = %label, after = %human(lived), "the serving worker {reason}");
+                tracing::warn!(worker = %label, lifetime = %human(lived), "the serving worker {reason}");
                 self.note_crash(w.ready_at);
                 let rolled_back = w.on_probation
                     && !self.stopping
@@ -882,6 +1190,30 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// How a worker ended, said with what the master did to it: dying of the stop signal
+    /// the master sent is being stopped as asked, not "killed"; `None` for the plain
+    /// status.
+    fn why_gone(&self, w: &Worker, status: Option<reaper::ExitStatus>) -> Option<String> {
+        let reaper::ExitStatus::Signaled(sig) = status? else {
+            return None;
+        };
+        let name = Signal::try_from(sig).ok()?;
+        if name == Signal::SIGKILL
+            && let Some(why) = w.killed_for
+        {
+            return Some(format!("was killed by SIGKILL ({why})"));
+        }
+        (w.stop_sent && name == self.cfg.stop_signal)
+            .then(|| format!("stopped ({}, as asked)", name.as_str()))
+    }
+
+    /// Whether the worker that just went was the first start, failed: no worker was
+    /// ever ready, none other is alive or starting (an upgrade may still make it), and
+    /// the master is not stopping.
+    fn first_start_failed(&self) -> bool {
+        !self.ever_ready && !self.stopping && self.workers.is_empty() && self.spawning == 0
     }
 
     fn note_crash(&mut self, ready_at: Option<Instant>) {
@@ -1107,6 +1439,11 @@ impl Supervisor {
             }),
             crashes: self.crashes,
             crashes_in_a_row: self.crashes_in_a_row,
+            warnings: self
+                .workers
+                .values()
+                .filter_map(|w| w.listener_problem.clone())
+                .collect(),
         }
     }
 }

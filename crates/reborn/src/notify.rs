@@ -173,18 +173,120 @@ pub struct NotifyDir {
     dir: tempfile::TempDir,
 }
 
+/// The start of a notify directory's name: `reborn-notify-NS-PID-RANDOM`, where NS is
+/// the inode of the maker's PID namespace (a PID means something only in its own
+/// namespace: a master in a container must not take a live master's directory outside
+/// it for a dead one's).
+const DIR_PREFIX: &str = "reborn-notify-";
+
+/// The inode of this process's PID namespace (0 if it cannot be read).
+fn pid_namespace() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid")
+        .map(|m| m.ino())
+        .unwrap_or(0)
+}
+
+/// Where notify directories are made: `$XDG_RUNTIME_DIR` if set, else the temporary
+/// directory.
+fn dir_base() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// The PID namespace and the PID in a notify directory's name
+/// (`reborn-notify-NS-PID-RANDOM`), if it is one.
+fn dir_owner(name: &str) -> Option<(u64, i32)> {
+    let rest = name.strip_prefix(DIR_PREFIX)?;
+    let mut parts = rest.splitn(3, '-');
+    let (ns, pid, random) = (parts.next()?, parts.next()?, parts.next()?);
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let ok = digits(ns)
+        && digits(pid)
+        && !random.is_empty()
+        && random.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !ok {
+        return None;
+    }
+    Some((ns.parse().ok()?, pid.parse().ok()?))
+}
+
+/// Removes the notify directories that processes of this user left behind when they
+/// were killed (`SIGKILL` leaves no chance to clean up): those named
+/// `reborn-notify-NS-PID-RANDOM`, made in this PID namespace, whose PID is no longer
+/// alive, that belong to this user and hold nothing but sockets. Anything else is left
+/// alone. Returns what was removed.
+pub fn sweep_stale_dirs() -> Vec<PathBuf> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let me = nix::unistd::geteuid().as_raw();
+    let mine = std::process::id() as i32;
+    let ns = pid_namespace();
+    let mut bases = vec![dir_base()];
+    if !bases.contains(&std::env::temp_dir()) {
+        bases.push(std::env::temp_dir());
+    }
+    let mut removed = Vec::new();
+    for base in bases {
+        let Ok(entries) = std::fs::read_dir(&base) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Some((their_ns, pid)) = entry.file_name().to_str().and_then(dir_owner) else {
+                continue;
+            };
+            if their_ns != ns || ns == 0 {
+                continue;
+            }
+            let path = entry.path();
+            // Not a symlink, a directory of this user's.
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if !meta.is_dir() || meta.uid() != me || pid == mine || pid <= 0 {
+                continue;
+            }
+            // Alive (or not ours to ask about): leave it.
+            let gone = matches!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                Err(nix::errno::Errno::ESRCH)
+            );
+            if !gone {
+                continue;
+            }
+            let Ok(inside) = std::fs::read_dir(&path) else {
+                continue;
+            };
+            let inside: Vec<_> = inside.flatten().collect();
+            let only_sockets = inside
+                .iter()
+                .all(|e| e.file_type().is_ok_and(|t| t.is_socket()));
+            if !only_sockets {
+                continue;
+            }
+            for e in &inside {
+                let _ = std::fs::remove_file(e.path());
+            }
+            if std::fs::remove_dir(&path).is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    removed
+}
+
 impl NotifyDir {
-    /// Makes the directory.
+    /// Makes the directory, named `reborn-notify-NS-PID-RANDOM` (see
+    /// [`sweep_stale_dirs`]).
     pub fn new() -> io::Result<NotifyDir> {
         use std::os::unix::fs::PermissionsExt;
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
+        let base = dir_base();
         // Private whatever the umask: only this user may reach the sockets in it.
+        let prefix = format!("{DIR_PREFIX}{}-{}-", pid_namespace(), std::process::id());
         let mut builder = tempfile::Builder::new();
         builder
-            .prefix("reborn-")
+            .prefix(&prefix)
             .permissions(std::fs::Permissions::from_mode(0o700));
         let dir = builder.tempdir_in(&base).or_else(|_| builder.tempdir())?;
         Ok(NotifyDir { dir })
@@ -382,6 +484,30 @@ fn random_u64() -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notify_dir_names() {
+        assert_eq!(dir_owner("reborn-notify-77-1234-aB3xYz"), Some((77, 1234)));
+        assert_eq!(dir_owner("reborn-1000"), None, "a control socket directory");
+        assert_eq!(dir_owner("reborn-notify-1234-aB3xYz"), None);
+        assert_eq!(dir_owner("reborn-notify-7-12x-abc"), None);
+        assert_eq!(dir_owner("reborn-notify-7-12-"), None);
+        assert_eq!(dir_owner("reborn-notify-7-12-a.b"), None);
+        let dir = NotifyDir::new().unwrap();
+        let name = dir
+            .dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            dir_owner(&name),
+            Some((pid_namespace(), std::process::id() as i32)),
+            "{name}"
+        );
+    }
 
     #[test]
     fn parse_and_encode() {
