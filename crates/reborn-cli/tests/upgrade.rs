@@ -99,7 +99,8 @@ fn sighup_upgrades_and_generations_drain_side_by_side() {
     for generation in 2..=3u64 {
         let addr = master.addr;
         slow.push(std::thread::spawn(move || {
-            reborn_testkit::get(addr, "/ping?sleep_ms=3000")
+            // Long enough to outlast two upgrades on a loaded machine.
+            reborn_testkit::get(addr, "/ping?sleep_ms=8000")
         }));
         std::thread::sleep(Duration::from_millis(100));
         signal(master.pid(), libc::SIGHUP);
