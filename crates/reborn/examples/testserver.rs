@@ -13,7 +13,9 @@
 //! passed, `knob:fail-ready-check=TEXT` makes its readiness check fail with TEXT, and
 //! `knob:block-listeners-and-exit=1` makes it put the listening sockets it inherited in
 //! blocking mode and exit at once (as a new version on another runtime may, before it
-//! fails).
+//! fails). `knob:listener=NAME@ADDR` makes it listen under another name and address than
+//! its command line says (a new version that moved its listener), and
+//! `knob:close-unclaimed=1` lets it close what it inherited and did not ask for.
 
 use std::time::Duration;
 
@@ -103,6 +105,8 @@ struct SelfFile {
     abort_after_ready: Option<Duration>,
     fail_ready_check: Option<String>,
     block_listeners_and_exit: bool,
+    listener: Option<(String, String)>,
+    close_unclaimed: bool,
 }
 
 fn read_self() -> SelfFile {
@@ -127,6 +131,11 @@ fn read_self() -> SelfFile {
             .map(Duration::from_millis),
         fail_ready_check: knob("fail-ready-check"),
         block_listeners_and_exit: knob("block-listeners-and-exit").is_some_and(|v| v == "1"),
+        listener: knob("listener").and_then(|v| {
+            let (name, addr) = v.split_once('@')?;
+            Some((name.to_owned(), addr.to_owned()))
+        }),
+        close_unclaimed: knob("close-unclaimed").is_some_and(|v| v == "1"),
     }
 }
 
@@ -226,8 +235,15 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
     if args.panic_on_usr1 {
         builder = builder.on(reborn::Signal::Usr1, || panic!("a hook that panics"));
     }
+    if me.close_unclaimed {
+        builder = builder.close_unclaimed_listeners(true);
+    }
     let reborn = builder.build()?;
-    let tcp = reborn.listen("http", &args.addr)?;
+    let (name, addr) = me
+        .listener
+        .clone()
+        .unwrap_or_else(|| ("http".to_owned(), args.addr.clone()));
+    let tcp = reborn.listen(&name, &addr)?;
     say!("listening on {}", tcp.local_addr());
     let unix = match &args.unix {
         Some(path) => {

@@ -18,6 +18,20 @@ pub enum Error {
         /// What the check said.
         message: String,
     },
+    /// This process inherited listeners it did not ask for, so it did not report ready
+    /// and stopped (see
+    /// [`Builder::close_unclaimed_listeners`](crate::Builder::close_unclaimed_listeners)).
+    #[error(
+        "this process inherited {listeners}, which it did not ask for: serving without it would \
+         leave that address to nobody once the previous generation exits; ask for it \
+         (Reborn::listen or Reborn::listen_named, with that name or address) or, to move off \
+         it on purpose, build with Builder::close_unclaimed_listeners(true); this process did \
+         not report ready and stopped"
+    )]
+    UnclaimedListeners {
+        /// The listeners, for people: `the listener "http" (127.0.0.1:8080)`.
+        listeners: String,
+    },
     /// An address that is neither `host:port` nor a Unix socket path.
     #[error(
         "{addr:?} is not a listen address: {reason}; write a TCP address as HOST:PORT \

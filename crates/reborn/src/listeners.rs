@@ -276,14 +276,38 @@ impl ListenerSet {
         }
     }
 
-    /// Closes the inherited sockets nobody asked for.
+    /// The inherited sockets nobody asked for, for people: `the listener "http"
+    /// (127.0.0.1:8080)`, `the listeners "a" (…), "b" (…)`; empty if there are none.
+    pub(crate) fn describe_unclaimed(&self) -> String {
+        let each: Vec<String> = self
+            .unclaimed
+            .iter()
+            .map(|s| {
+                format!(
+                    "{:?} ({})",
+                    s.name.as_deref().unwrap_or(crate::activation::UNNAMED),
+                    describe_addr(&s.fd)
+                )
+            })
+            .collect();
+        match each.len() {
+            0 => String::new(),
+            1 => format!("the listener {}", each[0]),
+            _ => format!("the listeners {}", each.join(", ")),
+        }
+    }
+
+    /// Closes the inherited sockets nobody asked for (at ready, allowed by
+    /// `Builder::close_unclaimed_listeners`, or at the end).
     pub(crate) fn close_unclaimed(&mut self) {
-        for s in self.unclaimed.drain(..) {
-            tracing::info!(
-                name = s.name.as_deref().unwrap_or(crate::activation::UNNAMED),
-                "closing an inherited socket that was not asked for"
+        let unclaimed = self.describe_unclaimed();
+        if !unclaimed.is_empty() {
+            crate::log::warning!(
+                "closing {unclaimed}, inherited and not asked for: this process does not \
+                 serve that address"
             );
         }
+        self.unclaimed.clear();
     }
 
     /// Closes this process's copies of every listener (they stay open in other processes

@@ -25,11 +25,47 @@ pub(crate) fn tell(socket: &OsStr, message: &str) {
 
 /// How a failed readiness check's status starts.
 pub(crate) const CHECK_FAILED: &str = "readiness check failed: ";
+/// How the status of a process that inherited listeners it did not ask for starts.
+pub(crate) const UNCLAIMED: &str = "unclaimed inherited listeners: ";
+
+/// Why a process did not report ready.
+#[derive(Debug, Clone)]
+pub(crate) enum Refusal {
+    /// The application's readiness check failed, saying this.
+    Check(String),
+    /// It inherited these listeners and did not ask for them.
+    Unclaimed(String),
+}
+
+impl Refusal {
+    /// The error `serve` returns once what was accepted is drained.
+    pub(crate) fn into_error(self) -> crate::Error {
+        match self {
+            Refusal::Check(message) => crate::Error::ReadyCheck { message },
+            Refusal::Unclaimed(listeners) => crate::Error::UnclaimedListeners { listeners },
+        }
+    }
+
+    /// The `STATUS=` sent with `ERRNO=`: the previous generation reads the reason back.
+    fn status(&self) -> String {
+        let (prefix, text) = match self {
+            Refusal::Check(m) => (CHECK_FAILED, m.clone()),
+            Refusal::Unclaimed(_) => (UNCLAIMED, self.clone().into_error().to_string()),
+        };
+        format!("{prefix}{}", text.replace('\n', " "))
+    }
+}
 
 /// Reports ready, once.
 pub(crate) fn report_ready(inner: &Arc<Inner>) {
     if inner.ready.swap(true, Ordering::SeqCst) {
         return;
+    }
+    if !inner.config.close_unclaimed {
+        let unclaimed = inner.listeners().describe_unclaimed();
+        if !unclaimed.is_empty() {
+            return refuse(inner, Refusal::Unclaimed(unclaimed));
+        }
     }
     match (&inner.ready_check, tokio::runtime::Handle::try_current()) {
         (Some(check), Ok(handle)) => {
@@ -37,7 +73,7 @@ pub(crate) fn report_ready(inner: &Arc<Inner>) {
             handle.spawn(async move {
                 match check().await {
                     Ok(()) => announce(&inner),
-                    Err(e) => check_failed(&inner, e.to_string()),
+                    Err(e) => refuse(&inner, Refusal::Check(e.to_string())),
                 }
             });
         }
@@ -45,15 +81,17 @@ pub(crate) fn report_ready(inner: &Arc<Inner>) {
     }
 }
 
-/// The readiness check failed: say so to whoever waits for this process (the previous
+/// This process will not report ready: say so to whoever waits for it (the previous
 /// generation treats `ERRNO=` as a failed upgrade, with the status as its reason), and
 /// stop; `serve` returns the error once what was accepted is drained.
-fn check_failed(inner: &Arc<Inner>, message: String) {
-    tracing::error!("the readiness check failed: {message}; not reporting ready, stopping");
-    let report = format!(
-        "ERRNO=1\nSTATUS={CHECK_FAILED}{}\n",
-        message.replace('\n', " ")
-    );
+fn refuse(inner: &Arc<Inner>, refusal: Refusal) {
+    match &refusal {
+        Refusal::Check(message) => crate::log::error!(
+            "the readiness check failed: {message}; not reporting ready, stopping"
+        ),
+        Refusal::Unclaimed(_) => crate::log::error!("{}", refusal.clone().into_error()),
+    }
+    let report = format!("ERRNO=1\nSTATUS={}\n", refusal.status());
     if let Some(previous) = inner.notify.previous_generation() {
         tell(previous, &report);
     } else if let Some(manager) = inner.notify.manager() {
@@ -62,7 +100,7 @@ fn check_failed(inner: &Arc<Inner>, message: String) {
     *inner
         .ready_failure
         .lock()
-        .unwrap_or_else(|e| e.into_inner()) = Some(message);
+        .unwrap_or_else(|e| e.into_inner()) = Some(refusal);
     inner.begin_drain(crate::drain::DrainReason::Shutdown);
 }
 

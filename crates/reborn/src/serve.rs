@@ -207,7 +207,7 @@ impl Reborn {
         drop(inner.upgrade_lock.lock().await);
         tracing::info!(addr = %addr, "drained");
         match inner.ready_failure() {
-            Some(message) => Err(Error::ReadyCheck { message }),
+            Some(refusal) => Err(refusal.into_error()),
             None => Ok(()),
         }
     }

@@ -16,6 +16,17 @@ use crate::signals::{Hook, Hooks, Signal, When};
 use crate::upgrade::{UpgradeError, Upgraded};
 
 /// When the process reports that it is ready.
+///
+/// In both modes a new process accepts from the inherited listeners as soon as
+/// [`Reborn::serve`] runs, side by side with the previous generation, before it reports
+/// ready. The connections it accepts in that window share its fate if the upgrade is
+/// rolled back. One that refuses to report ready (a failed [`Builder::ready_check`],
+/// unclaimed listeners), or that is sent `SIGTERM` because it was not ready in time,
+/// drains them first; one that crashes, or ignores that `SIGTERM` past the stop timeout
+/// and is killed, takes them along (their clients see the connection reset). So do
+/// the start-up work that can fail (configuration, a database, warm caches) *before* the
+/// first `serve`, or with [`ReadyMode::Manual`] before calling `serve` at all, and keep
+/// the time between `serve` and ready short.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadyMode {
     /// Once every listener handed out by [`Reborn::listen`] is served by
@@ -46,6 +57,7 @@ pub(crate) struct Config {
     pub(crate) executable: Option<PathBuf>,
     pub(crate) probation: Duration,
     pub(crate) hammer_grace: Duration,
+    pub(crate) close_unclaimed: bool,
 }
 
 impl Default for Config {
@@ -63,6 +75,7 @@ impl Default for Config {
             executable: None,
             probation: crate::probation::DEFAULT_PROBATION,
             hammer_grace: DEFAULT_HAMMER_GRACE,
+            close_unclaimed: false,
         }
     }
 }
@@ -110,6 +123,26 @@ impl Builder {
     /// endless's hammer time.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// Lets this process close the inherited listeners it does not ask for, and serve
+    /// without them. Off by default.
+    ///
+    /// A process that inherited a listener (from the previous generation, the master or
+    /// systemd) and reports ready without asking for it would leave that address to
+    /// nobody: once the previous generation exits, its clients are refused (or, where a
+    /// master or systemd holds the socket, left waiting). That is what a new version does
+    /// that renamed its listener or moved it to another port by mistake. So by default
+    /// such a process does not report ready: it logs an ERROR naming each unclaimed
+    /// listener, tells whoever waits for it (an upgrade then fails and the running version
+    /// keeps serving), drains what it accepted, and [`Reborn::serve`] returns
+    /// [`Error::UnclaimedListeners`].
+    ///
+    /// Set this when the new version moves off an address on purpose. Under `reborn run`
+    /// the master's listeners stay the master's: restart it with the new `--listen`.
+    pub fn close_unclaimed_listeners(mut self, close: bool) -> Self {
+        self.config.close_unclaimed = close;
         self
     }
 
@@ -359,8 +392,8 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) hooks: Hooks,
     pub(crate) ready_check: Option<ReadyCheck>,
-    /// Why the readiness check failed, once it has.
-    pub(crate) ready_failure: Mutex<Option<String>>,
+    /// Why this process refused to report ready, once it has.
+    pub(crate) ready_failure: Mutex<Option<crate::readiness::Refusal>>,
     pub(crate) probation: crate::probation::Probation,
     pub(crate) listeners: Mutex<ListenerSet>,
     pub(crate) notify: NotifyTargets,
@@ -494,8 +527,8 @@ impl Inner {
         self.drain.phase() == Phase::Serving
     }
 
-    /// Why the readiness check failed, if it did.
-    pub(crate) fn ready_failure(&self) -> Option<String> {
+    /// Why this process refused to report ready, if it did.
+    pub(crate) fn ready_failure(&self) -> Option<crate::readiness::Refusal> {
         self.ready_failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())

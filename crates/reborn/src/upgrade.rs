@@ -135,6 +135,18 @@ pub enum UpgradeError {
         /// What the check said.
         message: String,
     },
+    /// The new process refused to report ready for a reason of its own (it inherited a
+    /// listener it did not ask for: see
+    /// [`Builder::close_unclaimed_listeners`](crate::Builder::close_unclaimed_listeners)).
+    #[error(
+        "the new process (pid {pid}) refused to report ready: {message} (the running version keeps serving)"
+    )]
+    Refused {
+        /// Its PID.
+        pid: u32,
+        /// Why.
+        message: String,
+    },
     /// The working directory the process was started in cannot be entered.
     #[error(
         "cannot start the new version in the working directory {dir}: {source}; the running \
@@ -363,14 +375,21 @@ async fn wait_ready(receiver: &NotifyReceiver, pid: u32) -> Result<(), UpgradeEr
     loop {
         let msg = receiver.recv().await.map_err(UpgradeError::Notify)?;
         if msg.errno.is_some() {
+            let status = msg.status.unwrap_or_default();
+            if let Some(message) = status.strip_prefix(crate::readiness::UNCLAIMED) {
+                return Err(UpgradeError::Refused {
+                    pid,
+                    message: message.to_owned(),
+                });
+            }
             return Err(UpgradeError::NotHealthy {
                 pid,
-                message: match msg.status {
-                    Some(s) => s
-                        .strip_prefix(crate::readiness::CHECK_FAILED)
-                        .map(str::to_owned)
-                        .unwrap_or(s),
-                    None => format!("it reported errno {}", msg.errno.unwrap_or(0)),
+                message: match status.strip_prefix(crate::readiness::CHECK_FAILED) {
+                    Some(message) => message.to_owned(),
+                    None if status.is_empty() => {
+                        format!("it reported errno {}", msg.errno.unwrap_or(0))
+                    }
+                    None => status,
                 },
             });
         }

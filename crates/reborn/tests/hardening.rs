@@ -182,3 +182,53 @@ fn a_handler_that_blocks_a_runtime_thread_cannot_keep_an_old_generation_past_the
     assert_eq!(common::body_pid(&server.get("/ping").body), Some(new));
     server.stop_current();
 }
+
+/// A new version that moved its listener (another name, another port) would leave the
+/// old address to nobody once the old process exits: it refuses to report ready, says
+/// which listener it left unclaimed, and the old version keeps serving on that address.
+#[test]
+fn a_new_version_that_moves_its_listener_is_refused_and_the_old_port_keeps_serving() {
+    let mut server = common::Server::start(&[]);
+    let old = server.proc.pid();
+    server.deploy_variant("\nknob:listener=web@127.0.0.2:0\n");
+    signal(old, libc::SIGHUP);
+    let line = server.proc.wait_line("the refused upgrade", |l| {
+        l.contains("upgrade failed").then(|| l.to_owned())
+    });
+    assert!(
+        line.contains("refused to report ready")
+            && line.contains(&format!("the listener \"http\" ({})", server.addr)),
+        "{line}"
+    );
+    let output = server.proc.output();
+    assert!(
+        output.contains("ERROR") && output.contains("which it did not ask for"),
+        "the new process says why, loudly:\n{output}"
+    );
+    for _ in 0..20 {
+        assert_eq!(common::body_pid(&server.get("/ping").body), Some(old));
+    }
+    assert_eq!(server.serving_pid(), Some(old));
+    server.stop_current();
+}
+
+/// The same move, made on purpose (`Builder::close_unclaimed_listeners`): the upgrade
+/// goes through, with a warning naming the listener it closes.
+#[test]
+fn a_listener_moved_on_purpose_is_closed_with_a_warning() {
+    let mut server = common::Server::start(&[]);
+    let old = server.proc.pid();
+    server.deploy_variant("\nknob:listener=web@127.0.0.2:0\nknob:close-unclaimed=1\n");
+    signal(old, libc::SIGHUP);
+    let new = wait_for("the new process in the PID file", PATIENCE, || {
+        server.serving_pid().filter(|p| *p != old)
+    });
+    server.proc.wait_line("the warning", |l| {
+        (l.contains("closing the listener \"http\"") && l.contains("not asked for")).then_some(())
+    });
+    wait_for("the old process to exit", PATIENCE, || {
+        (!alive(old)).then_some(())
+    });
+    assert!(alive(new));
+    server.stop_current();
+}
