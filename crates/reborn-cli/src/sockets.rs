@@ -34,6 +34,9 @@ pub struct Held {
 /// Looks at the sockets open in `pids`; `ours` are the master's listeners' inodes.
 pub fn held_by(pids: &[u32], ours: &[u64]) -> Held {
     let mut held = Held::default();
+    if !proc_shows_our_pids() {
+        return held;
+    }
     for pid in pids {
         let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
@@ -67,6 +70,17 @@ pub fn held_by(pids: &[u32], ours: &[u64]) -> Held {
         }
     }
     held
+}
+
+/// Whether `/proc` is mounted for our PID namespace. A master started in a new PID
+/// namespace without a `/proc` of its own (`unshare --pid --fork`, no `--mount-proc`)
+/// sees the host's: its workers' PIDs there name other processes (kernel threads, for
+/// the low ones), so what they hold proves nothing about the workers.
+fn proc_shows_our_pids() -> bool {
+    std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse::<u32>().ok())
+        == Some(std::process::id())
 }
 
 /// The listening sockets of a `/proc/net/tcp{,6}` table: (address, inode).

@@ -241,28 +241,53 @@ fn killed_master_takes_its_workers_along() {
 
 /// Orphans that a worker leaves behind are reparented to the master and reaped: no
 /// zombie piles up.
+///
+/// Each orphan writes its PID and lives 3 s, long enough for a loaded machine to see
+/// it as the master's child; once it exits, it must vanish from /proc (a zombie would
+/// stay there until its parent reaps it).
 #[test]
 fn orphans_are_reaped() {
     let dir = tempdir();
     let script = dir.path().join("spawner.sh");
+    let pids = dir.path().join("orphans");
     replace_with_script(
         &script,
-        "#!/bin/sh\nfor i in 1 2 3 4 5; do (sleep 0.2 &) ; done\nwhile :; do sleep 0.1; done\n",
+        &format!(
+            "#!/bin/sh\nfor i in 1 2 3 4 5; do (sleep 3 & echo $! >> '{}') ; done\n\
+             while :; do sleep 0.1; done\n",
+            pids.display()
+        ),
     );
     let master = Master::start(
         dir.path(),
         &["--ready", "delay:100ms"],
         &[script.as_os_str()],
     );
-    let worker = master.wait_serving();
-    let mut saw_orphan = false;
-    wait_for("the orphans to be reaped", PATIENCE, || {
-        let kids = all_children(master.pid());
-        saw_orphan |= kids.iter().any(|(p, _)| *p != worker);
-        let done = saw_orphan && kids.iter().all(|(p, _)| *p == worker);
-        let zombies = kids.iter().filter(|(_, z)| *z).count();
-        (done && zombies == 0).then_some(())
+    master.wait_serving();
+    let orphans: Vec<u32> = wait_for("the worker to start its orphans", PATIENCE, || {
+        let text = std::fs::read_to_string(&pids).ok()?;
+        let list: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        (list.len() == 5).then_some(list)
     });
+    wait_for("an orphan to become the master's child", PATIENCE, || {
+        let kids = all_children(master.pid());
+        orphans
+            .iter()
+            .any(|o| kids.iter().any(|(p, _)| p == o))
+            .then_some(())
+    });
+    wait_for("the orphans to be reaped", PATIENCE, || {
+        let left: Vec<&u32> = orphans
+            .iter()
+            .filter(|o| Path::new(&format!("/proc/{o}")).exists())
+            .collect();
+        left.is_empty().then_some(())
+    });
+    let zombies = all_children(master.pid())
+        .iter()
+        .filter(|(_, z)| *z)
+        .count();
+    assert_eq!(zombies, 0, "the master left zombies");
 }
 
 /// The children of `pid`, zombies included: (pid, is a zombie).
