@@ -3,7 +3,9 @@
 //! A Unix stream socket, mode 0600, whose peers are checked with `SO_PEERCRED`: only the
 //! master's own user and root are obeyed (the file mode already keeps others out; the
 //! check holds even if someone loosens it). The protocol is one request line
-//! (`upgrade`, `status` or `stop`) answered by one JSON line, a [`Reply`]. `upgrade`
+//! (`upgrade`, `status` or `stop`, parsed by [`crate::protocol`]) answered by one JSON
+//! line, a [`Reply`]; a line that is no request (not UTF-8, unknown, empty, too long) is
+//! answered by a [`Reply`] that says so and lists the requests. `upgrade`
 //! answers once the outcome is known; after answering `stop` the master keeps the
 //! connection open until it exits, so the client can wait for that.
 
@@ -20,37 +22,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore, mpsc::UnboundedSender, oneshot};
 
+pub use crate::protocol::Request;
+use crate::protocol::{MAX_LINE_LEN, parse_request};
 use crate::supervisor::Event;
-
-/// A command sent to the master.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Request {
-    /// Start an upgrade and answer with its outcome.
-    Upgrade,
-    /// Answer with the state.
-    Status,
-    /// Stop gracefully.
-    Stop,
-}
-
-impl Request {
-    fn as_str(self) -> &'static str {
-        match self {
-            Request::Upgrade => "upgrade",
-            Request::Status => "status",
-            Request::Stop => "stop",
-        }
-    }
-
-    fn parse(line: &str) -> Option<Request> {
-        match line.trim() {
-            "upgrade" => Some(Request::Upgrade),
-            "status" => Some(Request::Status),
-            "stop" => Some(Request::Stop),
-            _ => None,
-        }
-    }
-}
 
 /// The master's answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -305,16 +279,19 @@ async fn handle(stream: UnixStream, events: UnboundedSender<Event>, answers: Ans
     let (read, mut write) = stream.into_split();
     let reply = match peer {
         Some(uid) if uid == me || uid == 0 => {
-            let mut line = String::new();
-            let mut reader = tokio::io::BufReader::new(read).take(256);
-            let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line));
+            // Bytes, not a `String`: a line that is not UTF-8 gets an answer too. One byte
+            // more than the limit tells a line that is too long.
+            let mut line = Vec::new();
+            let mut reader = tokio::io::BufReader::new(read).take(MAX_LINE_LEN as u64 + 1);
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), reader.read_until(b'\n', &mut line));
             match read.await {
-                Ok(Ok(_)) => match Request::parse(&line) {
-                    Some(request) => ask(request, &events).await,
-                    None => Reply::err(format!(
-                        "unknown request {:?}; expected upgrade, status or stop",
-                        line.trim()
-                    )),
+                Ok(Ok(_)) => match parse_request(&line) {
+                    Ok(request) => ask(request, &events).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket: refused a request");
+                        Reply::err(e.to_string())
+                    }
                 },
                 _ => return,
             }

@@ -17,6 +17,7 @@
 //! * [`sockets`]: which of the master's listeners a worker really uses;
 //! * [`supervisor`]: the state machine of workers, upgrades, crashes and stop;
 //! * [`control`]: the control socket and its protocol (`upgrade`, `status`, `stop`);
+//! * [`protocol`]: the control protocol's request line, parsed (pure, fuzzed);
 //! * [`sdnotify`]: the master's own reports to systemd;
 //! * [`paths`]: where the control socket and PID file go.
 
@@ -26,6 +27,7 @@ mod groups;
 mod listen;
 mod paths;
 mod pinned;
+mod protocol;
 mod readiness;
 mod reaper;
 mod sdnotify;
