@@ -58,6 +58,7 @@ struct Args {
     ready_delay: Option<Duration>,
     probation: Option<Duration>,
     hammer_grace: Option<Duration>,
+    header_read_timeout: Option<Duration>,
     panic_on_usr1: bool,
 }
 
@@ -72,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
         ready_delay: None,
         probation: None,
         hammer_grace: None,
+        header_read_timeout: None,
         panic_on_usr1: false,
     };
     let mut it = std::env::args().skip(1);
@@ -92,6 +94,7 @@ fn parse_args() -> Result<Args, String> {
             "--ready-delay-ms" => a.ready_delay = Some(ms(value()?)?),
             "--probation-ms" => a.probation = Some(ms(value()?)?),
             "--hammer-grace-ms" => a.hammer_grace = Some(ms(value()?)?),
+            "--header-read-timeout-ms" => a.header_read_timeout = Some(ms(value()?)?),
             "--panic-on-usr1" => a.panic_on_usr1 = true,
             other => return Err(format!("unknown flag {other}")),
         }
@@ -185,6 +188,9 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
     let mut builder = reborn::Reborn::builder();
     if let Some(d) = args.probation {
         builder = builder.probation(d);
+    }
+    if let Some(d) = args.header_read_timeout {
+        builder = builder.header_read_timeout(Some(d));
     }
     if let Some(d) = args.hammer_grace {
         builder = builder.hammer_grace(d);

@@ -10,7 +10,8 @@
 //!   `Connection: close`, so a busy connection ends cleanly after its next response. A
 //!   connection still open after the idle grace has had no request during the whole grace:
 //!   it is then shut down gracefully (closed if idle, or once its current response is
-//!   written).
+//!   written). A connection whose next request head is arriving at that moment is not
+//!   idle: it gets up to the header read timeout for the head, and its answer.
 //! * **HTTP/2**: a graceful GOAWAY at once (two-step: the client learns to open no new
 //!   streams, then the last stream ID is set); open streams finish.
 //! * **At the hammer** (drain deadline, `SIGUSR2`): the connection is dropped.
@@ -382,7 +383,81 @@ impl Drop for PhaseWatch {
 #[derive(Debug, Default)]
 struct ConnFacts {
     http2: AtomicBool,
+    /// Bytes arrived while no request was in flight, and no request has been made of
+    /// them yet: the next request head is on its way (or sits half-read in hyper).
+    head_arriving: AtomicBool,
 }
+
+/// The connection's transport, watched: a read that brings bytes while no request is in
+/// flight marks the next request head as arriving, so the idle grace does not close a
+/// connection whose client is in the middle of sending a request.
+struct HeadWatch<IO> {
+    io: IO,
+    facts: Arc<ConnFacts>,
+    record: Arc<ConnRecord>,
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadWatch<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+            && self.record.in_flight.load(Ordering::SeqCst) == 0
+        {
+            self.facts.head_arriving.store(true, Ordering::SeqCst);
+        }
+        res
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The timing rules one connection is served under.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnTiming {
+    /// How long an idle HTTP/1.x connection is kept once the drain starts.
+    pub(crate) idle_grace: Duration,
+    /// How long a request head may take to arrive; also how long the idle grace waits
+    /// for a head that is arriving when it ends (`None`: until the hammer).
+    pub(crate) header_read_timeout: Option<Duration>,
+}
+
+/// How often the end of the idle grace looks again at a connection whose next request
+/// head is arriving.
+const HEAD_ARRIVING_POLL: Duration = Duration::from_millis(50);
 
 /// Wraps the user's service: marks HTTP/2 connections, and during the drain adds
 /// `Connection: close` to HTTP/1.x responses.
@@ -408,6 +483,7 @@ where
             self.facts.http2.store(true, Ordering::Relaxed);
         }
         self.record.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.facts.head_arriving.store(false, Ordering::SeqCst);
         *self
             .record
             .last_request
@@ -458,7 +534,7 @@ pub(crate) async fn serve_connection<IO, S, B>(
     io: IO,
     service: S,
     mut phase: PhaseWatch,
-    idle_grace: Duration,
+    timing: ConnTiming,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -475,11 +551,18 @@ pub(crate) async fn serve_connection<IO, S, B>(
         facts: facts.clone(),
         record: phase.record.clone(),
     };
+    let io = HeadWatch {
+        io,
+        facts: facts.clone(),
+        record: phase.record.clone(),
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     // A connection accepted during the drain is served under the drain's rules from its
     // first byte: `changed` reports a phase other than `Serving` at once.
     let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // When the idle grace ended with a request head arriving.
+    let mut head_wait_since: Option<Instant> = None;
     let mut shut_down = false;
     loop {
         tokio::select! {
@@ -496,6 +579,7 @@ pub(crate) async fn serve_connection<IO, S, B>(
                 Phase::Serving => {
                     if !shut_down {
                         grace = None;
+                        head_wait_since = None;
                     }
                 }
                 Phase::Draining => {
@@ -505,17 +589,28 @@ pub(crate) async fn serve_connection<IO, S, B>(
                             conn.as_mut().graceful_shutdown();
                         }
                     } else if grace.is_none() && !shut_down {
-                        grace = Some(Box::pin(tokio::time::sleep(idle_grace)));
+                        grace = Some(Box::pin(tokio::time::sleep(timing.idle_grace)));
                     }
                 }
                 Phase::Hammer => return,
             },
             () = async { if let Some(g) = grace.as_mut() { g.await } }, if grace.is_some() => {
                 grace = None;
-                if !shut_down {
-                    shut_down = true;
-                    conn.as_mut().graceful_shutdown();
+                if shut_down {
+                    continue;
                 }
+                // A client in the middle of sending its next request is not idle: hyper
+                // would close the connection under it and lose the request. Wait for the
+                // head (its response carries `Connection: close`), as long as a head may
+                // take to arrive.
+                let since = *head_wait_since.get_or_insert_with(Instant::now);
+                let patience = timing.header_read_timeout.unwrap_or(Duration::MAX);
+                if facts.head_arriving.load(Ordering::SeqCst) && since.elapsed() < patience {
+                    grace = Some(Box::pin(tokio::time::sleep(HEAD_ARRIVING_POLL)));
+                    continue;
+                }
+                shut_down = true;
+                conn.as_mut().graceful_shutdown();
             }
         }
     }

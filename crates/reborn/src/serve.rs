@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio_util::task::TaskTracker;
@@ -148,6 +148,13 @@ impl Reborn {
         .map_err(|e| Error::io(format!("cannot register the listener on {addr}"), e))?;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http2().max_concurrent_streams(1024);
+        // hyper's timer, for the header read timeout (slowloris clients are closed
+        // instead of holding a draining generation until its deadline).
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(inner.config.header_read_timeout);
+        builder.http2().timer(TokioTimer::new());
         let conns = Connections {
             builder: Arc::new(builder),
             service: TowerToHyperService::new(service),
@@ -388,7 +395,10 @@ impl<H, S> Connections<H, S> {
         let builder = self.builder.clone();
         let service = self.service.clone();
         let shutdown = self.inner.drain.shutdown();
-        let grace = self.inner.config.idle_grace;
+        let timing = crate::drain::ConnTiming {
+            idle_grace: self.inner.config.idle_grace,
+            header_read_timeout: self.inner.config.header_read_timeout,
+        };
         let phase = self.inner.drain.watch(conn.peer());
         let handshake = (self.handshake)(conn);
         self.tracker.spawn(async move {
@@ -406,7 +416,7 @@ impl<H, S> Connections<H, S> {
                 },
                 () = shutdown.hammered() => return,
             };
-            crate::drain::serve_connection(builder, io, service, phase, grace).await
+            crate::drain::serve_connection(builder, io, service, phase, timing).await
         });
     }
 }

@@ -37,6 +37,9 @@ pub enum ReadyMode {
     Manual,
 }
 
+/// How long an HTTP/1.x request head may take to arrive.
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long after the hammer a process may take to finish before it exits anyway.
 const DEFAULT_HAMMER_GRACE: Duration = Duration::from_secs(5);
 
@@ -58,6 +61,7 @@ pub(crate) struct Config {
     pub(crate) probation: Duration,
     pub(crate) hammer_grace: Duration,
     pub(crate) close_unclaimed: bool,
+    pub(crate) header_read_timeout: Option<Duration>,
 }
 
 impl Default for Config {
@@ -76,6 +80,7 @@ impl Default for Config {
             probation: crate::probation::DEFAULT_PROBATION,
             hammer_grace: DEFAULT_HAMMER_GRACE,
             close_unclaimed: false,
+            header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
         }
     }
 }
@@ -168,6 +173,24 @@ impl Builder {
     /// of a reset. Default 1 s.
     pub fn idle_grace(mut self, grace: Duration) -> Self {
         self.config.idle_grace = grace;
+        self
+    }
+
+    /// How long an HTTP/1.x client may take to send a complete request head, or `None` for
+    /// no limit. Default 30 s (hyper's own default once it has a timer).
+    ///
+    /// A connection whose head is not complete in time is closed. This is what stops a slowloris client,
+    /// one that sends its head a byte at a time, from holding a connection, and during a
+    /// drain, from holding the whole old generation until its deadline. As in hyper, the
+    /// clock also runs while a keep-alive connection waits for its next request, so an
+    /// idle keep-alive connection is closed after this long: keep clients' pool idle
+    /// timeouts shorter, or raise it.
+    ///
+    /// During a drain, an HTTP/1.x connection whose next request head is arriving when
+    /// the [idle grace](Builder::idle_grace) ends is not closed under it: it gets up to
+    /// this long more for the head, then its answer with `Connection: close`.
+    pub fn header_read_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.header_read_timeout = timeout;
         self
     }
 

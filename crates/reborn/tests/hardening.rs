@@ -232,3 +232,126 @@ fn a_listener_moved_on_purpose_is_closed_with_a_warning() {
     assert!(alive(new));
     server.stop_current();
 }
+
+/// Sends `GET /ping` on `stream` and reads the whole response head and body.
+fn ping_on(stream: &mut std::net::TcpStream) -> std::io::Result<String> {
+    use std::io::Write;
+    stream.write_all(b"GET /ping HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    read_response(stream)
+}
+
+/// Reads one response (`Content-Length` body) from `stream`, head and body as text.
+fn read_response(stream: &mut std::net::TcpStream) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    Ok(format!("{head}{}", String::from_utf8_lossy(&body)))
+}
+
+/// During a drain, the idle grace closes keep-alive connections that sent nothing; a
+/// client that is in the middle of sending its next request head when the grace ends is
+/// not idle: it gets its answer (with `Connection: close`) instead of a closed connection.
+#[test]
+fn a_request_head_still_arriving_at_the_idle_grace_is_answered() {
+    use std::io::{Read, Write};
+    let mut server = common::Server::start(&["--idle-grace-ms", "1500"]);
+    let pid = server.proc.pid();
+    let connect = || {
+        let mut s = std::net::TcpStream::connect(server.addr).expect("connect");
+        s.set_read_timeout(Some(PATIENCE)).expect("read timeout");
+        let first = ping_on(&mut s).expect("the first request");
+        assert!(first.starts_with("http/1.1 200"), "{first}");
+        s
+    };
+    let mut idle = connect();
+    let mut slow: Vec<_> = (0..10).map(|_| connect()).collect();
+
+    signal(pid, libc::SIGTERM);
+    for s in &mut slow {
+        s.write_all(b"GET /ping HTTP/1.1\r\n").expect("half a head");
+    }
+    // The idle connection is closed when the grace ends.
+    let mut buf = [0u8; 1];
+    assert_eq!(idle.read(&mut buf).expect("the idle connection"), 0);
+    for (i, s) in slow.iter_mut().enumerate() {
+        s.write_all(b"Host: test\r\n\r\n")
+            .expect("the rest of the head");
+        let answer = read_response(s)
+            .unwrap_or_else(|e| panic!("slow client {i} lost its request at the grace: {e}"));
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert!(answer.contains(&format!("pid={pid}")), "{answer}");
+    }
+    assert_eq!(
+        server.proc.wait_exit(PATIENCE),
+        Some(0),
+        "{}",
+        server.proc.output()
+    );
+}
+
+/// A slowloris client, sending its request head a line at a time and never finishing it,
+/// is closed at the header read timeout: it cannot hold a draining process until its
+/// drain deadline (here 10 minutes).
+#[test]
+fn a_slowloris_client_cannot_hold_a_drain_until_its_deadline() {
+    use std::io::Write;
+    let mut server = common::Server::start(&[
+        "--drain-timeout-ms",
+        "600000",
+        "--header-read-timeout-ms",
+        "1000",
+    ]);
+    let addr = server.addr;
+    // One slowloris on a fresh connection, one on a keep-alive connection after a
+    // request; each sends a header line every 100 ms, for at most 60 s.
+    let loris: Vec<_> = (0..2)
+        .map(|n| {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(PATIENCE)).expect("read timeout");
+            if n == 1 {
+                ping_on(&mut s).expect("the first request");
+            }
+            s.write_all(b"GET /ping HTTP/1.1\r\n")
+                .expect("the request line");
+            std::thread::spawn(move || {
+                for i in 0..600 {
+                    if s.write_all(format!("X-Slow-{i}: y\r\n").as_bytes())
+                        .is_err()
+                    {
+                        return true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                false
+            })
+        })
+        .collect();
+    signal(server.proc.pid(), libc::SIGTERM);
+    assert_eq!(
+        server.proc.wait_exit(PATIENCE),
+        Some(0),
+        "{}",
+        server.proc.output()
+    );
+    for l in loris {
+        assert!(
+            l.join().expect("slowloris thread"),
+            "the slowloris was closed"
+        );
+    }
+}
