@@ -95,7 +95,8 @@ pub enum Error {
     Upgrade(#[from] crate::upgrade::UpgradeError),
     /// Writing the PID file failed.
     #[error(
-        "cannot write the PID file {path}: {source}; check that its directory exists and is writable"
+        "cannot write the PID file {path}: {source}; {}",
+        pid_file_hint(source)
     )]
     PidFile {
         /// The PID file.
@@ -129,3 +130,14 @@ impl Error {
 
 /// `Result` with reborn's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to check when the PID file cannot be written.
+fn pid_file_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => "its file system is full (or over quota)",
+        Some(libc::EMFILE | libc::ENFILE) => "out of file descriptors: raise `ulimit -n`",
+        Some(libc::EISDIR) => "that path is a directory: give a file's path",
+        Some(libc::EROFS) => "its file system is read-only",
+        _ => "check that its directory exists and is writable",
+    }
+}

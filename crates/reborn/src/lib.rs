@@ -110,6 +110,7 @@
 pub mod activation;
 pub mod drain;
 pub mod error;
+mod files;
 pub mod listeners;
 mod log;
 pub mod notify;

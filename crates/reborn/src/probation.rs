@@ -169,11 +169,7 @@ pub(crate) async fn watch(
             }
             inner.probation.clear();
             inner.listeners().restore_nonblocking("after the rollback");
-            if let Some(path) = &inner.config.pid_file {
-                if let Err(e) = crate::readiness::write_pid_file(path, me) {
-                    tracing::error!("{e}");
-                }
-            }
+            crate::readiness::record_pid(inner, me);
             let error = UpgradeError::DiedOnProbation {
                 pid,
                 status,

@@ -115,11 +115,7 @@ fn announce(inner: &Arc<Inner>) {
     // After a self-upgrade the previous generation writes this PID at its commit, once
     // it has stopped accepting: until then it is the one serving.
     if inner.master_pid.is_none() && !inner.notify.started_by_upgrade() {
-        if let Some(path) = &inner.config.pid_file {
-            if let Err(e) = write_pid_file(path, pid) {
-                tracing::error!("{e}");
-            }
-        }
+        record_pid(inner, pid);
     }
     let status = format!("STATUS=serving on {}\n", addrs.join(", "));
     if let Some(manager) = inner.notify.manager() {
@@ -133,12 +129,28 @@ fn announce(inner: &Arc<Inner>) {
 
 /// Writes `pid` to `path` atomically (a temporary file renamed over it).
 pub(crate) fn write_pid_file(path: &Path, pid: u32) -> crate::Result<()> {
-    let err = |source| crate::Error::PidFile {
-        path: path.to_path_buf(),
-        source,
-    };
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{pid}.tmp"));
-    std::fs::write(&tmp, format!("{pid}\n")).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    let written =
+        std::fs::write(&tmp, format!("{pid}\n")).and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|source| {
+        // A full disk (or a rename that failed) must not leave the temporary file
+        // behind, one per attempt.
+        let _ = std::fs::remove_file(&tmp);
+        crate::Error::PidFile {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Writes `pid` to the PID file, if there is one, and logs a failure. The reserve of
+/// descriptors makes room, for a process that is at its open-files limit.
+pub(crate) fn record_pid(inner: &Inner, pid: u32) {
+    if let Some(path) = &inner.config.pid_file {
+        let _room = inner.files.release();
+        if let Err(e) = write_pid_file(path, pid) {
+            crate::log::error!("{e}");
+        }
+    }
 }

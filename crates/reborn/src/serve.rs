@@ -8,7 +8,7 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -163,6 +163,7 @@ impl Reborn {
             tracker: TaskTracker::new(),
         };
         let mut phase = inner.drain.shutdown().receiver();
+        let mut failures = AcceptFailures::default();
         inner.serving_one();
         loop {
             let accepted = tokio::select! {
@@ -171,8 +172,16 @@ impl Reborn {
                 accepted = accepting.accept(inner.config.tcp_nodelay) => Some(accepted),
             };
             match accepted {
-                Some(Ok(conn)) => conns.spawn(conn),
-                Some(Err(e)) => accept_error(&addr, e).await,
+                Some(Ok(conn)) => {
+                    if let Some((count, over)) = failures.succeeded(Instant::now()) {
+                        tracing::info!(
+                            addr = %addr,
+                            "accepting again, after {count} failed accepts over {over:.1?}"
+                        );
+                    }
+                    conns.spawn(conn)
+                }
+                Some(Err(e)) => accept_error(&addr, e, &mut failures, &inner.files).await,
                 // The successor is on probation: keep the socket, and accept again if
                 // this process takes over.
                 None if inner.resumed_after_probation().await => {
@@ -421,22 +430,117 @@ impl<H, S> Connections<H, S> {
     }
 }
 
+/// How often a run of failed accepts is reported.
+const REPORT_ACCEPT_FAILURES_EVERY: Duration = Duration::from_secs(10);
+
+/// A run of failed accepts (out of file descriptors, say): at 20 retries a second,
+/// logging each would bury everything else, so the first is logged, then one line per
+/// [`REPORT_ACCEPT_FAILURES_EVERY`] with the count, and one when accepting works again.
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    /// When the run started, and how many failed in it.
+    run: Option<(Instant, u64)>,
+    last_report: Option<Instant>,
+    /// Failures since the last report.
+    unreported: u64,
+}
+
+impl AcceptFailures {
+    /// Counts a failure at `now`. Returns `Some(failures since the last report)` when
+    /// this one is to be logged (`Some(0)` for the first of a run).
+    fn failed(&mut self, now: Instant) -> Option<u64> {
+        let (_, count) = self.run.get_or_insert((now, 0));
+        *count += 1;
+        let due = self
+            .last_report
+            .is_none_or(|at| now.duration_since(at) >= REPORT_ACCEPT_FAILURES_EVERY);
+        if due {
+            self.last_report = Some(now);
+            Some(std::mem::take(&mut self.unreported))
+        } else {
+            self.unreported += 1;
+            None
+        }
+    }
+
+    /// An accept worked: ends the run. Returns how many failed in it, and over how long.
+    fn succeeded(&mut self, now: Instant) -> Option<(u64, Duration)> {
+        let (since, count) = self.run.take()?;
+        *self = AcceptFailures::default();
+        Some((count, now.duration_since(since)))
+    }
+}
+
 /// Accept errors never end the server. Per-connection errors (the client gave up) are
 /// skipped; resource errors (out of file descriptors) pause accepting briefly instead of
-/// spinning.
-async fn accept_error(addr: &str, e: std::io::Error) {
+/// spinning, and are reported at a bounded rate ([`AcceptFailures`]).
+async fn accept_error(
+    addr: &str,
+    e: std::io::Error,
+    failures: &mut AcceptFailures,
+    reserve: &crate::files::Reserve,
+) {
     use std::io::ErrorKind::*;
     match e.kind() {
         ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted => {
             tracing::debug!(addr, "accept: {e}");
         }
         _ => {
-            tracing::error!(
-                addr,
-                "accept failed: {e}; pausing accepts for 50 ms (raise the open-files limit, \
-                 `ulimit -n`, if this says too many open files)"
-            );
+            let advice = if crate::files::exhausted(&e) {
+                format!("; {}", crate::files::advice(&e))
+            } else {
+                String::new()
+            };
+            match failures.failed(Instant::now()) {
+                Some(0) => crate::log::error!(
+                    "accept failed on {addr}: {e}{advice}; retrying every 50 ms (repeats are \
+                     counted, and reported every {}s)",
+                    REPORT_ACCEPT_FAILURES_EVERY.as_secs()
+                ),
+                Some(more) => crate::log::error!(
+                    "accept still failing on {addr}: {e} ({more} more times){advice}"
+                ),
+                None => {}
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
+            // An upgrade is starting its process with the reserve's descriptors: do
+            // not take them first.
+            for _ in 0..100 {
+                if !reserve.is_out() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_failed_accepts_is_reported_once_per_period_and_when_it_ends() {
+        let mut f = AcceptFailures::default();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(f.failed(at(0)), Some(0), "the first is reported");
+        let quiet = (1..200).filter_map(|i| f.failed(at(i * 50))).count();
+        assert_eq!(quiet, 0, "20 retries a second for 10 s: none reported");
+        assert_eq!(
+            f.failed(at(10_000)),
+            Some(199),
+            "then one line with the count"
+        );
+        assert_eq!(
+            f.succeeded(at(10_500)),
+            Some((201, Duration::from_millis(10_500)))
+        );
+        assert_eq!(f.succeeded(at(11_000)), None, "a success alone is not news");
+        assert_eq!(
+            f.failed(at(11_000)),
+            Some(0),
+            "a new run is reported at once"
+        );
     }
 }

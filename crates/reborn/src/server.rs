@@ -327,6 +327,17 @@ impl Builder {
             Some(crate::activation::Ignored::Absent) | None => {}
         }
         let process = crate::process_info();
+        match crate::files::raise_soft_limit() {
+            Ok(Some((old, new))) => {
+                tracing::debug!(
+                    old,
+                    new,
+                    "raised the soft open-files limit to the hard limit"
+                );
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!("cannot raise the soft open-files limit: {e}"),
+        }
         let listeners = ListenerSet::new(env.sockets, self.config.backlog);
         let inner = Inner {
             exe: self
@@ -356,6 +367,7 @@ impl Builder {
             started: OnceLock::new(),
             on_terminal: crate::signals::on_terminal(),
             upgrade_lock: tokio::sync::Mutex::new(()),
+            files: crate::files::Reserve::new(),
         };
         Ok(Reborn {
             inner: Arc::new(inner),
@@ -433,6 +445,8 @@ pub(crate) struct Inner {
     /// Which of stdin, stdout, stderr were terminals at start-up.
     on_terminal: [bool; 3],
     pub(crate) upgrade_lock: tokio::sync::Mutex<()>,
+    /// Descriptors held back so that a process at its open-files limit can still upgrade.
+    pub(crate) files: crate::files::Reserve,
 }
 
 impl Inner {

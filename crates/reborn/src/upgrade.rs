@@ -163,6 +163,17 @@ pub enum UpgradeError {
     /// The readiness socket could not be made or read.
     #[error("cannot listen for the new process's readiness: {0}")]
     Notify(#[source] std::io::Error),
+    /// This process is out of file descriptors (or the system is), even after giving back
+    /// the reserve it keeps for upgrades.
+    #[error(
+        "cannot start {path}: out of file descriptors: {advice} (the running version keeps serving)"
+    )]
+    OutOfFiles {
+        /// The path.
+        path: std::path::PathBuf,
+        /// How many are open, the limit, and what to raise.
+        advice: String,
+    },
 }
 
 fn died_on_probation(pid: u32, status: &str, after: Duration, resumed: bool) -> String {
@@ -251,8 +262,22 @@ async fn spawn_and_wait(
     manager: Option<&std::ffi::OsStr>,
     started: Instant,
 ) -> Result<Upgraded, UpgradeError> {
-    let receiver = NotifyReceiver::new_abstract().map_err(UpgradeError::Notify)?;
+    let out_of_files = |e: &std::io::Error| UpgradeError::OutOfFiles {
+        path: path.to_path_buf(),
+        advice: crate::files::advice(e),
+    };
+    // A process full of connections may be at its open-files limit: the reserve makes
+    // room for the notify socket and the spawn, and is taken again once it has started.
+    let reserve = inner.files.release();
+    let receiver = NotifyReceiver::new_abstract().map_err(|e| {
+        if crate::files::exhausted(&e) {
+            out_of_files(&e)
+        } else {
+            UpgradeError::Notify(e)
+        }
+    })?;
     let spawn_err = |source: std::io::Error| match source.kind() {
+        _ if crate::files::exhausted(&source) => out_of_files(&source),
         _ if source
             .get_ref()
             .is_some_and(|e| e.is::<crate::spawn::WorkingDirError>()) =>
@@ -301,6 +326,7 @@ async fn spawn_and_wait(
             other => break other.map_err(spawn_err)?,
         }
     };
+    drop(reserve);
     let pid = child.id();
     tracing::info!(pid, "new process started; waiting for it to be ready");
     let timeout = inner.config.ready_timeout;
@@ -336,11 +362,7 @@ async fn spawn_and_wait(
     }
     match outcome {
         Ok(()) if inner.begin_drain(DrainReason::Upgraded { successor: pid }) => {
-            if let Some(path) = &inner.config.pid_file {
-                if let Err(e) = crate::readiness::write_pid_file(path, pid) {
-                    tracing::error!("{e}");
-                }
-            }
+            crate::readiness::record_pid(inner, pid);
             let upgraded = Upgraded {
                 pid,
                 took: started.elapsed(),

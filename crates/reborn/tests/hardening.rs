@@ -355,3 +355,82 @@ fn a_slowloris_client_cannot_hold_a_drain_until_its_deadline() {
         );
     }
 }
+
+/// A server at its open-files limit (its connections took every descriptor) reports the
+/// failing accepts once, with the limit and what to raise, not 20 times a second; and
+/// it can still upgrade: the reserve of descriptors it keeps makes room to start the new
+/// version, which takes over the queued connections.
+#[test]
+fn a_server_out_of_file_descriptors_says_so_once_and_can_still_upgrade() {
+    let mut server = common::Server::start_limited(Some(64), &["--idle-grace-ms", "200"]);
+    let old = server.proc.pid();
+    // More connections than the limit allows: the rest wait in the backlog.
+    let clients: Vec<_> = (0..100)
+        .map(|_| std::net::TcpStream::connect(server.addr).expect("connect"))
+        .collect();
+    server.proc.wait_line("accepts to fail", |l| {
+        l.contains("accept failed").then_some(())
+    });
+    // Half a second of failing accepts, retried every 50 ms.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let output = server.proc.output();
+    let reports = output
+        .lines()
+        .filter(|l| l.contains("accept failed") || l.contains("accept still failing"))
+        .collect::<Vec<_>>();
+    assert_eq!(reports.len(), 1, "one report, not one per retry:\n{output}");
+    assert!(
+        reports[0].contains("its limit is 64") && reports[0].contains("ulimit -n"),
+        "{}",
+        reports[0]
+    );
+
+    server.deploy_variant("v2");
+    signal(old, libc::SIGHUP);
+    let new = wait_for("a new PID in the PID file", PATIENCE, || {
+        server.serving_pid().filter(|p| *p != old)
+    });
+    drop(clients);
+    server.wait_answered_by(new);
+    assert_eq!(
+        server.proc.wait_exit(PATIENCE),
+        Some(0),
+        "{}",
+        server.proc.output()
+    );
+    server.stop_current();
+}
+
+/// A PID file that cannot be written (the disk is full: here a 4 KiB tmpfs, already full,
+/// in a mount namespace of the server's own) is reported, and leaves no temporary file
+/// behind.
+#[test]
+fn a_pid_file_on_a_full_disk_leaves_no_temporary_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = reborn_testkit::copy_to(&common::testserver(), dir.path(), "server");
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).expect("mkdir");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs -o size=4k reborn-full \"$1\" && \
+             (cat /dev/zero > \"$1/fill\" 2>/dev/null; true) && \
+             exec \"$0\" --addr 127.0.0.1:0 --pid-file \"$1/pid\"",
+        )
+        .arg(&bin)
+        .arg(&full);
+    let mut server = reborn_testkit::Proc::start(cmd);
+    server.wait_line("the PID file to fail", |l| {
+        l.contains("cannot write the PID file").then_some(())
+    });
+    // The server's view of the directory, through its own mount namespace.
+    let seen = format!("/proc/{}/root{}", server.pid(), full.display());
+    let names: Vec<String> = std::fs::read_dir(&seen)
+        .unwrap_or_else(|e| panic!("{seen}: {e}"))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["fill"], "{}", server.output());
+    signal(server.pid(), libc::SIGTERM);
+    assert_eq!(server.wait_exit(PATIENCE), Some(0), "{}", server.output());
+}

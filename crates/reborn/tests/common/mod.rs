@@ -21,9 +21,22 @@ pub fn testserver() -> PathBuf {
 impl Server {
     /// Copies the test server into a fresh directory and starts it there.
     pub fn start(extra: &[&str]) -> Server {
+        Server::start_limited(None, extra)
+    }
+
+    /// Likewise, with the open-files limit (soft and hard) set to `open_files` first.
+    pub fn start_limited(open_files: Option<u32>, extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = reborn_testkit::copy_to(&testserver(), dir.path(), "server");
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match open_files {
+            None => Command::new(&bin),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", "ulimit -n \"$0\" && exec \"$@\"", &n.to_string()])
+                    .arg(&bin);
+                sh
+            }
+        };
         cmd.args(["--addr", "127.0.0.1:0", "--pid-file"])
             .arg(dir.path().join("pid"))
             .args(extra)
