@@ -278,6 +278,34 @@ pub fn take_from_env() -> Result<ProcessEnv, ActivationError> {
     let upstream_notify_socket = upstream.filter(|s| !s.is_empty());
     let master_pid = get(ENV_MASTER_PID)?.and_then(|p| p.trim().parse().ok());
     clear_consumed_vars();
+    let parent = nix::unistd::getppid().as_raw() as u32;
+    let master_pid = master_pid.filter(|&m| {
+        let trusted = notify_socket
+            .as_deref()
+            .is_some_and(|s| made_by_master(s, m));
+        if !trusted {
+            crate::log::warning!(
+                "{ENV_MASTER_PID}={m} is ignored: NOTIFY_SOCKET is not one that a reborn \
+                 master with that PID made for its workers (a variable handed on from another \
+                 environment?); this process upgrades itself on SIGHUP"
+            );
+        }
+        trusted
+    });
+    let (started_by_upgrade, upstream_notify_socket) = if started_by_upgrade
+        && !notify_socket
+            .as_deref()
+            .is_some_and(|s| made_by_upgrade(s, parent))
+    {
+        crate::log::warning!(
+            "{ENV_UPSTREAM_NOTIFY} is ignored: this process was not started by a reborn \
+             upgrade (NOTIFY_SOCKET is not its parent's, pid {parent}); a variable handed on \
+             from another environment?"
+        );
+        (false, None)
+    } else {
+        (started_by_upgrade, upstream_notify_socket)
+    };
 
     let parsed = parse_listen_fds(
         listen_pid.as_deref(),
@@ -316,6 +344,29 @@ pub fn take_from_env() -> Result<ProcessEnv, ActivationError> {
         master_pid,
         ignored,
     })
+}
+
+/// Whether `notify_socket` is one that the reborn master with PID `master` made for its
+/// workers: `DIR/reborn-notify-NS-MASTER-RANDOM/NAME`, in this PID namespace.
+pub fn made_by_master(notify_socket: &std::ffi::OsStr, master: u32) -> bool {
+    let path = std::path::Path::new(notify_socket);
+    path.parent()
+        .and_then(|dir| dir.file_name())
+        .and_then(|name| name.to_str())
+        .and_then(crate::notify::dir_owner)
+        .is_some_and(|(ns, pid)| {
+            i64::from(pid) == i64::from(master) && ns == crate::notify::pid_namespace()
+        })
+}
+
+/// Whether `notify_socket` is one that a reborn process with PID `parent` made for the
+/// new process of its self-upgrade: the abstract `@reborn/PARENT/RANDOM`.
+pub fn made_by_upgrade(notify_socket: &std::ffi::OsStr, parent: u32) -> bool {
+    notify_socket
+        .to_str()
+        .and_then(|s| s.strip_prefix("@reborn/"))
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(pid, random)| pid == parent.to_string() && !random.is_empty())
 }
 
 /// Removes the consumed variables when the process is single-threaded (the only time
@@ -397,6 +448,24 @@ fn check_listening_socket(raw: RawFd, name: Option<&str>) -> Result<(), Activati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_master_and_upgrade_variables_are_trusted_only_beside_their_notify_socket() {
+        let ns = crate::notify::pid_namespace();
+        let ours = format!("/run/user/0/reborn-notify-{ns}-4242-aB3x/worker-1");
+        assert!(made_by_master(ours.as_ref(), 4242));
+        assert!(!made_by_master(ours.as_ref(), 4243), "another master's PID");
+        let other_ns = format!("/tmp/reborn-notify-{}-4242-aB3x/worker-1", ns + 1);
+        assert!(
+            !made_by_master(other_ns.as_ref(), 4242),
+            "another PID namespace"
+        );
+        assert!(!made_by_master("/run/systemd/notify".as_ref(), 1));
+        assert!(made_by_upgrade("@reborn/77/00ff".as_ref(), 77));
+        assert!(!made_by_upgrade("@reborn/77/00ff".as_ref(), 7));
+        assert!(!made_by_upgrade("@reborn/77/".as_ref(), 77));
+        assert!(!made_by_upgrade("/run/systemd/notify".as_ref(), 77));
+    }
 
     #[test]
     fn absent_and_foreign() {

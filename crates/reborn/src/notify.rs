@@ -180,7 +180,7 @@ pub struct NotifyDir {
 const DIR_PREFIX: &str = "reborn-notify-";
 
 /// The inode of this process's PID namespace (0 if it cannot be read).
-fn pid_namespace() -> u64 {
+pub(crate) fn pid_namespace() -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self/ns/pid")
         .map(|m| m.ino())
@@ -198,7 +198,7 @@ fn dir_base() -> PathBuf {
 
 /// The PID namespace and the PID in a notify directory's name
 /// (`reborn-notify-NS-PID-RANDOM`), if it is one.
-fn dir_owner(name: &str) -> Option<(u64, i32)> {
+pub(crate) fn dir_owner(name: &str) -> Option<(u64, i32)> {
     let rest = name.strip_prefix(DIR_PREFIX)?;
     let mut parts = rest.splitn(3, '-');
     let (ns, pid, random) = (parts.next()?, parts.next()?, parts.next()?);

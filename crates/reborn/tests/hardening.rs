@@ -434,3 +434,47 @@ fn a_pid_file_on_a_full_disk_leaves_no_temporary_file() {
     signal(server.pid(), libc::SIGTERM);
     assert_eq!(server.wait_exit(PATIENCE), Some(0), "{}", server.output());
 }
+
+/// A `REBORN_MASTER_PID` handed on from another environment (no master made this
+/// process's notify socket) is ignored, with a warning: SIGHUP still upgrades.
+#[test]
+fn a_stray_master_pid_does_not_disable_sighup() {
+    let me = std::process::id().to_string();
+    let mut server = common::Server::start_env(&[("REBORN_MASTER_PID", &me)], &[]);
+    let old = server.proc.pid();
+    assert!(
+        server
+            .proc
+            .output()
+            .contains(&format!("REBORN_MASTER_PID={me} is ignored")),
+        "{}",
+        server.proc.output()
+    );
+    server.deploy_variant("v2");
+    signal(old, libc::SIGHUP);
+    server.wait_new_pid(old);
+    server.stop_current();
+}
+
+/// A `REBORN_UPSTREAM_NOTIFY_SOCKET` handed on from another environment (this process
+/// was not started by an upgrade) is ignored, with a warning: the PID file is written.
+#[test]
+fn a_stray_upstream_notify_socket_does_not_skip_the_pid_file() {
+    // Server::start waits for the PID file to name the server.
+    let mut server = common::Server::start_env(
+        &[
+            ("REBORN_UPSTREAM_NOTIFY_SOCKET", ""),
+            ("NOTIFY_SOCKET", "@reborn/1/0123456789abcdef"),
+        ],
+        &[],
+    );
+    assert!(
+        server
+            .proc
+            .output()
+            .contains("REBORN_UPSTREAM_NOTIFY_SOCKET is ignored"),
+        "{}",
+        server.proc.output()
+    );
+    server.stop_current();
+}

@@ -21,11 +21,20 @@ pub fn testserver() -> PathBuf {
 impl Server {
     /// Copies the test server into a fresh directory and starts it there.
     pub fn start(extra: &[&str]) -> Server {
-        Server::start_limited(None, extra)
+        Server::start_with(None, &[], extra)
     }
 
     /// Likewise, with the open-files limit (soft and hard) set to `open_files` first.
     pub fn start_limited(open_files: Option<u32>, extra: &[&str]) -> Server {
+        Server::start_with(open_files, &[], extra)
+    }
+
+    /// Likewise, with these environment variables.
+    pub fn start_env(env: &[(&str, &str)], extra: &[&str]) -> Server {
+        Server::start_with(None, env, extra)
+    }
+
+    fn start_with(open_files: Option<u32>, env: &[(&str, &str)], extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = reborn_testkit::copy_to(&testserver(), dir.path(), "server");
         let mut cmd = match open_files {
@@ -37,6 +46,7 @@ impl Server {
                 sh
             }
         };
+        cmd.envs(env.iter().copied());
         cmd.args(["--addr", "127.0.0.1:0", "--pid-file"])
             .arg(dir.path().join("pid"))
             .args(extra)
