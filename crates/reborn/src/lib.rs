@@ -104,7 +104,23 @@
 //! that are sending their next request; every peer tool loses requests there. reborn
 //! answers the next request on each connection with `Connection: close` and closes a
 //! connection only after it stayed idle for a grace period ([`Builder::idle_grace`]);
-//! HTTP/2 connections get a graceful GOAWAY. See [`drain`].
+//! HTTP/2 connections get a graceful GOAWAY. A client halfway through sending its next
+//! request when the grace ends is not idle, and is answered. See [`drain`].
+//!
+//! # What cannot hold a process forever
+//!
+//! * a slow or stalled client: a request head must arrive within
+//!   [`Builder::header_read_timeout`] (30 s), so a slowloris cannot keep a draining
+//!   generation alive;
+//! * a handler that blocks a runtime thread: after the drain deadline and
+//!   [`Builder::hammer_grace`] the process exits with [`EXIT_DRAIN_OVERRUN`], naming what
+//!   was still open;
+//! * running out of file descriptors: the soft open-files limit is raised to the hard
+//!   one at start, failing accepts are reported once per 10 s with the limit and what to
+//!   raise, and a reserve of descriptors lets a process full of connections still start
+//!   its upgrade;
+//! * a terminal that goes away, or a log pipe whose reader died: signals keep working
+//!   (see [`signals`]).
 #![warn(missing_docs)]
 
 pub mod activation;

@@ -369,12 +369,16 @@ impl NotifyReceiver {
             drop(fds);
             match sender {
                 Some(s) if sender_allowed(s.uid) => return Ok(NotifyMessage::parse(&buf[..len])),
-                Some(s) => tracing::warn!(
-                    pid = s.pid,
-                    uid = s.uid,
-                    "ignored a notify message from a process of another user"
+                Some(s) => crate::log::warning!(
+                    "ignored a notify message from pid {}, a process of another user (uid {})",
+                    s.pid,
+                    s.uid
                 ),
-                None => tracing::warn!("ignored a notify message without its sender's credentials"),
+                None => {
+                    crate::log::warning!(
+                        "ignored a notify message without its sender's credentials"
+                    )
+                }
             }
         }
     }

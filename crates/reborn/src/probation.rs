@@ -164,7 +164,7 @@ pub(crate) async fn watch(
                     after,
                     resumed: false,
                 };
-                tracing::error!("{error}");
+                crate::log::error!("{error}");
                 return Err(error);
             }
             inner.probation.clear();
@@ -182,7 +182,7 @@ pub(crate) async fn watch(
                     &format!("MAINPID={me}\nREADY=1\nSTATUS=rolled back: {error}\n"),
                 );
             }
-            tracing::error!("{error}");
+            crate::log::error!("{error}");
             Err(error)
         }
     }

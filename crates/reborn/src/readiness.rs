@@ -15,10 +15,10 @@ use crate::server::Inner;
 /// notices the silence (an upgrade times out and is rolled back, and says so).
 pub(crate) fn tell(socket: &OsStr, message: &str) {
     if let Err(e) = crate::notify::send(socket, message) {
-        tracing::warn!(
-            socket = %socket.to_string_lossy(),
-            "cannot send {:?} to the notify socket: {e}",
-            message.trim_end()
+        crate::log::warning!(
+            "cannot send {:?} to the notify socket {}: {e}",
+            message.trim_end(),
+            socket.to_string_lossy()
         );
     }
 }

@@ -319,8 +319,7 @@ impl Builder {
     pub fn build(self) -> Result<Reborn> {
         let env = crate::take_process_env()?;
         match &env.ignored {
-            Some(crate::activation::Ignored::OtherPid(pid)) => tracing::warn!(
-                listen_pid = pid,
+            Some(crate::activation::Ignored::OtherPid(pid)) => crate::log::warning!(
                 "LISTEN_FDS is set for another process (LISTEN_PID={pid}): ignoring it and \
                  binding sockets; something handed its environment on"
             ),
@@ -593,7 +592,7 @@ impl Inner {
     pub(crate) fn hammer(self: &Arc<Self>) {
         self.probation.end();
         if self.drain.hammer() {
-            tracing::warn!("hammer: closing every connection now");
+            crate::log::warning!("hammer: closing every connection now");
             self.listeners().close_all();
             self.watch_after_hammer();
         }
@@ -720,7 +719,7 @@ impl Inner {
                                 "upgrade committed: pid {} serves",
                                 done.pid
                             ),
-                            Err(e) => tracing::error!("upgrade failed: {e}"),
+                            Err(e) => crate::log::error!("upgrade failed: {e}"),
                         }
                     });
                 }
@@ -809,11 +808,10 @@ impl Reborn {
     /// As [`listen`](Self::listen).
     pub fn listen_on(&self, name: Option<&str>, addr: &ListenAddr) -> Result<Listener> {
         if self.inner.ready.load(Ordering::SeqCst) {
-            tracing::warn!(
-                addr = %addr,
-                "a listener was asked for after this process reported ready: the previous \
-                 generation may already be gone, and inherited sockets not asked for by then \
-                 were closed; ask for every listener before the first serve()"
+            crate::log::warning!(
+                "a listener ({addr}) was asked for after this process reported ready: the \
+                 previous generation may already be gone, and inherited sockets not asked for \
+                 by then were closed; ask for every listener before the first serve()"
             );
         }
         self.inner.listeners().listen(name, addr)
