@@ -3,6 +3,8 @@
 //!
 //! `GET /ping` answers `pong <digest> pid=<pid>` (the digest is of the executable file
 //! itself, so a changed binary answers differently); `?sleep_ms=N` waits first.
+//! `GET /whoami` (TCP) and `GET /whoami-unix` answer who the connection is from, as
+//! axum's `ConnectInfo` and `reborn::ConnectionInfo` say.
 //! `GET /block?ms=N` blocks its runtime thread for N ms (as a handler that calls blocking
 //! code in async code does) before it answers.
 //! Hooks print `hook: <when> <signal>` lines.
@@ -36,7 +38,11 @@ macro_rules! esay {
     }};
 }
 
-use axum::{Router, extract::Query, routing::get};
+use axum::{
+    Extension, Router,
+    extract::{ConnectInfo, Query},
+    routing::get,
+};
 
 #[derive(serde::Deserialize)]
 struct BlockParams {
@@ -261,6 +267,38 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
     };
     let digest = me.digest;
     let app = Router::new()
+        .route(
+            "/whoami",
+            get(
+                move |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+                      Extension(info): Extension<reborn::ConnectionInfo>| async move {
+                    match info {
+                        reborn::ConnectionInfo::Tcp { local, .. } => {
+                            format!("tcp peer={peer} local={local} pid={pid}")
+                        }
+                        other => format!("mismatch {other:?} pid={pid}"),
+                    }
+                },
+            ),
+        )
+        .route(
+            "/whoami-unix",
+            get(
+                move |ConnectInfo(p): ConnectInfo<reborn::UnixPeer>,
+                      Extension(info): Extension<reborn::ConnectionInfo>| async move {
+                    match info {
+                        reborn::ConnectionInfo::Unix { local, .. } => format!(
+                            "unix peer_pid={} uid={} gid={} local={} pid={pid}",
+                            p.pid.unwrap_or(0),
+                            p.uid,
+                            p.gid,
+                            local.map(|l| l.display().to_string()).unwrap_or_default()
+                        ),
+                        other => format!("mismatch {other:?} pid={pid}"),
+                    }
+                },
+            ),
+        )
         .route(
             "/block",
             get(|Query(p): Query<BlockParams>| async move {

@@ -459,14 +459,17 @@ pub(crate) struct ConnTiming {
 /// head is arriving.
 const HEAD_ARRIVING_POLL: Duration = Duration::from_millis(50);
 
-/// Wraps the user's service: marks HTTP/2 connections, and during the drain adds
-/// `Connection: close` to HTTP/1.x responses.
+/// Wraps the user's service: marks HTTP/2 connections, gives each request the
+/// connection's extensions, and during the drain adds `Connection: close` to HTTP/1.x
+/// responses.
 #[derive(Debug, Clone)]
 pub(crate) struct DrainService<S> {
     inner: S,
     flags: &'static PhaseFlags,
     facts: Arc<ConnFacts>,
     record: Arc<ConnRecord>,
+    /// Put in every request's extensions: who the connection is from.
+    extensions: http::Extensions,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for DrainService<S>
@@ -477,7 +480,8 @@ where
     type Error = S::Error;
     type Future = DrainFuture<S::Future>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().extend(self.extensions.clone());
         let http1 = req.version() < Version::HTTP_2;
         if !http1 {
             self.facts.http2.store(true, Ordering::Relaxed);
@@ -535,6 +539,7 @@ pub(crate) async fn serve_connection<IO, S, B>(
     service: S,
     mut phase: PhaseWatch,
     timing: ConnTiming,
+    extensions: http::Extensions,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -550,6 +555,7 @@ pub(crate) async fn serve_connection<IO, S, B>(
         flags: phase.flags(),
         facts: facts.clone(),
         record: phase.record.clone(),
+        extensions,
     };
     let io = HeadWatch {
         io,

@@ -282,19 +282,10 @@ impl Connection {
         Connection::Tcp(stream)
     }
 
-    /// Who the connection is from, for logs: `IP:port`, or a Unix-socket client and its
-    /// process.
-    fn peer(&self) -> String {
-        match self {
-            Connection::Tcp(s) => s
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "a TCP client".into()),
-            Connection::Unix(s) => match s.peer_cred().ok().and_then(|c| c.pid()) {
-                Some(pid) => format!("a Unix-socket client (pid {pid})"),
-                None => "a Unix-socket client".into(),
-            },
-        }
+    /// Where it comes from and where it arrived (see [`crate::peer`]); `None` if it is
+    /// already broken.
+    pub fn info(&self) -> Option<crate::ConnectionInfo> {
+        crate::ConnectionInfo::of(self)
     }
 }
 
@@ -408,7 +399,12 @@ impl<H, S> Connections<H, S> {
             idle_grace: self.inner.config.idle_grace,
             header_read_timeout: self.inner.config.header_read_timeout,
         };
-        let phase = self.inner.drain.watch(conn.peer());
+        let info = conn.info();
+        let phase = self
+            .inner
+            .drain
+            .watch(crate::peer::ConnectionInfo::describe(info.as_ref()));
+        let extensions = info.map(|i| i.extensions()).unwrap_or_default();
         let handshake = (self.handshake)(conn);
         self.tracker.spawn(async move {
             let io = tokio::select! {
@@ -425,7 +421,7 @@ impl<H, S> Connections<H, S> {
                 },
                 () = shutdown.hammered() => return,
             };
-            crate::drain::serve_connection(builder, io, service, phase, timing).await
+            crate::drain::serve_connection(builder, io, service, phase, timing, extensions).await
         });
     }
 }
