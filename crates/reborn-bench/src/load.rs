@@ -86,6 +86,9 @@ pub struct Seen {
 #[derive(Debug, Default)]
 pub struct Generations {
     seen: Mutex<HashMap<u32, Seen>>,
+    /// Generations whose process is gone, taken out of `seen` so that a PID the system
+    /// hands out again (after thousands of restarts, PIDs wrap) counts as a new one.
+    retired: Mutex<Vec<Seen>>,
     notify: Notify,
 }
 
@@ -113,7 +116,26 @@ impl Generations {
         }
     }
 
-    /// Every PID seen so far.
+    /// Retires the generations whose process `is_alive` says is gone.
+    pub fn retire_dead(&self, is_alive: impl Fn(u32) -> bool) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let dead: Vec<u32> = seen.keys().copied().filter(|p| !is_alive(*p)).collect();
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        for pid in dead {
+            if let Some(s) = seen.remove(&pid) {
+                retired.push(s);
+            }
+        }
+    }
+
+    /// Every generation that answered, retired ones included.
+    pub fn history(&self) -> Vec<Seen> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        seen.values().chain(retired.iter()).cloned().collect()
+    }
+
+    /// Every PID seen so far whose generation is not retired.
     pub fn all(&self) -> HashMap<u32, Seen> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }

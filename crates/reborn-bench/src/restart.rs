@@ -340,6 +340,8 @@ impl Target {
         epoch: Instant,
         probe: bool,
     ) -> RestartRecord {
+        // A PID handed out again is a new generation: forget the ones that are gone.
+        gens.retire_dead(crate::sys::alive);
         let known: Vec<u32> = gens
             .all()
             .keys()

@@ -214,9 +214,9 @@ pub async fn run(
         )
         .await;
     let end_procs = target.processes(&gens);
-    let seen = gens.all();
+    let seen = gens.history();
     let generations = seen.len();
-    let mut build_ids: Vec<String> = seen.values().map(|s| s.build_id.clone()).collect();
+    let mut build_ids: Vec<String> = seen.iter().map(|s| s.build_id.clone()).collect();
     build_ids.sort();
     build_ids.dedup();
     let log = target.log_path().display().to_string();

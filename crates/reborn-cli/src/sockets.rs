@@ -24,15 +24,13 @@ pub fn inode(fd: &OwnedFd) -> Option<u64> {
 pub struct Held {
     /// The socket inodes open in any of them.
     pub sockets: HashSet<u64>,
-    /// Addresses of listening TCP sockets they hold that are not among `ours`.
-    pub own_listening: Vec<String>,
     /// Whether anything could be read at all (a process that is gone, or `/proc` not
     /// readable, proves nothing).
     pub readable: bool,
 }
 
-/// Looks at the sockets open in `pids`; `ours` are the master's listeners' inodes.
-pub fn held_by(pids: &[u32], ours: &[u64]) -> Held {
+/// Looks at the sockets open in `pids`.
+pub fn held_by(pids: &[u32]) -> Held {
     let mut held = Held::default();
     if !proc_shows_our_pids() {
         return held;
@@ -54,22 +52,34 @@ pub fn held_by(pids: &[u32], ours: &[u64]) -> Held {
             }
         }
     }
-    if let Some(pid) = pids.first() {
-        for (file, v6) in [("tcp", false), ("tcp6", true)] {
-            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
-                continue;
+    held
+}
+
+/// The addresses of the listening TCP sockets among `held` that are not among `ours`,
+/// from the tables of `pid`'s network namespace. Those tables list every socket of the
+/// namespace (thousands on a busy host): they are read a line at a time, and only once
+/// a listener was found missing.
+pub fn own_listening(pid: u32, held: &Held, ours: &[u64]) -> Vec<String> {
+    use std::io::BufRead;
+    let mut out: Vec<String> = Vec::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let Ok(f) = std::fs::File::open(format!("/proc/{pid}/net/{file}")) else {
+            continue;
+        };
+        for line in std::io::BufReader::new(f).lines().skip(1) {
+            let Ok(line) = line else {
+                break;
             };
-            for (addr, inode) in listening(&text, v6) {
-                if held.sockets.contains(&inode)
-                    && !ours.contains(&inode)
-                    && !held.own_listening.contains(&addr)
-                {
-                    held.own_listening.push(addr);
-                }
+            if let Some((addr, inode)) = listening(&line, v6)
+                && held.sockets.contains(&inode)
+                && !ours.contains(&inode)
+                && !out.contains(&addr)
+            {
+                out.push(addr);
             }
         }
     }
-    held
+    out
 }
 
 /// Whether `/proc` is mounted for our PID namespace. A master started in a new PID
@@ -83,21 +93,14 @@ fn proc_shows_our_pids() -> bool {
         == Some(std::process::id())
 }
 
-/// The listening sockets of a `/proc/net/tcp{,6}` table: (address, inode).
-fn listening(table: &str, v6: bool) -> Vec<(String, u64)> {
-    let mut out = Vec::new();
-    for line in table.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
-        if f.len() < 10 || f[3] != "0A" {
-            continue;
-        }
-        let (Some(addr), Ok(inode)) = (parse_addr(f[1], v6), f[9].parse::<u64>()) else {
-            continue;
-        };
-        out.push((addr, inode));
+/// A listening socket's line of a `/proc/net/tcp{,6}` table: (address, inode).
+fn listening(line: &str, v6: bool) -> Option<(String, u64)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+    if f.len() < 10 || f[3] != "0A" {
+        return None;
     }
-    out
+    Some((parse_addr(f[1], v6)?, f[9].parse::<u64>().ok()?))
 }
 
 /// `0100007F:1F90` → `127.0.0.1:8080` (the words are in host byte order).
@@ -130,7 +133,12 @@ mod tests {
         let t = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
                  0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000\n   \
                  1: 0100007F:1F91 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 12346 1 0000\n";
-        assert_eq!(listening(t, false), vec![("127.0.0.1:8080".into(), 12345)]);
+        let found: Vec<_> = t
+            .lines()
+            .skip(1)
+            .filter_map(|l| listening(l, false))
+            .collect();
+        assert_eq!(found, vec![("127.0.0.1:8080".into(), 12345)]);
         assert_eq!(
             parse_addr("00000000000000000000000001000000:0050", true).as_deref(),
             Some("[::1]:80")

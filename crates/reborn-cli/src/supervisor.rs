@@ -759,7 +759,7 @@ impl Supervisor {
         if members.is_empty() {
             members.push(pid);
         }
-        let held = sockets::held_by(&members, &ours);
+        let held = sockets::held_by(&members);
         if !held.readable {
             return None;
         }
@@ -780,10 +780,11 @@ impl Supervisor {
         if missing.is_empty() {
             return None;
         }
-        let own = if held.own_listening.is_empty() {
+        let own_listening = sockets::own_listening(pid, &held, &ours);
+        let own = if own_listening.is_empty() {
             String::new()
         } else {
-            format!(" and listens on {} itself", held.own_listening.join(", "))
+            format!(" and listens on {} itself", own_listening.join(", "))
         };
         Some(format!(
             "{} does not use the master's listener {}: it closed the socket it was handed{own}, \
