@@ -5,6 +5,8 @@
 //! itself, so a changed binary answers differently); `?sleep_ms=N` waits first.
 //! `GET /whoami` (TCP) and `GET /whoami-unix` answer who the connection is from, as
 //! axum's `ConnectInfo` and `reborn::ConnectionInfo` say.
+//! `GET /upgrade-echo` (with `Upgrade: echo`) switches protocols and echoes what it
+//! reads, as a WebSocket would hold a connection after its upgrade.
 //! `GET /block?ms=N` blocks its runtime thread for N ms (as a handler that calls blocking
 //! code in async code does) before it answers.
 //! Hooks print `hook: <when> <signal>` lines.
@@ -298,6 +300,38 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
                     }
                 },
             ),
+        )
+        .route(
+            "/upgrade-echo",
+            get(|mut req: axum::extract::Request| async move {
+                let upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let Ok(upgraded) = upgrade.await else {
+                        return;
+                    };
+                    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                    let mut buf = [0u8; 1024];
+                    let end = loop {
+                        match io.read(&mut buf).await {
+                            Ok(0) => break "closed by the client".to_owned(),
+                            Ok(n) => {
+                                if let Err(e) = io.write_all(&buf[..n]).await {
+                                    break e.to_string();
+                                }
+                            }
+                            Err(e) => break e.to_string(),
+                        }
+                    };
+                    say!("upgraded connection ended: {end}");
+                });
+                axum::response::Response::builder()
+                    .status(http::StatusCode::SWITCHING_PROTOCOLS)
+                    .header(http::header::CONNECTION, "upgrade")
+                    .header(http::header::UPGRADE, "echo")
+                    .body(axum::body::Body::empty())
+                    .unwrap_or_default()
+            }),
         )
         .route(
             "/block",

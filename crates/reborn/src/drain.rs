@@ -14,7 +14,12 @@
 //!   idle: it gets up to the header read timeout for the head, and its answer.
 //! * **HTTP/2**: a graceful GOAWAY at once (two-step: the client learns to open no new
 //!   streams, then the last stream ID is set); open streams finish.
-//! * **At the hammer** (drain deadline, `SIGUSR2`): the connection is dropped.
+//! * **Upgraded** (HTTP/1.1 `101`: a WebSocket, or another protocol): the application
+//!   holds the connection after the upgrade, and it still counts: the process stays
+//!   until the application closes it.
+//! * **At the hammer** (drain deadline, `SIGUSR2`): the connection is dropped; an
+//!   upgraded one's reads and writes fail (`ConnectionAborted`), so the application's
+//!   task ends and lets it go.
 //!
 //! Each connection is registered with who it is from and which request it is in, so that
 //! a process that cannot finish (a handler blocking a runtime thread ignores the hammer)
@@ -204,6 +209,7 @@ impl DrainControl {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         for conn in conns.values() {
             conn.waker.wake();
+            conn.io_waker.wake();
         }
     }
 
@@ -264,6 +270,8 @@ impl DrainControl {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let record = Arc::new(ConnRecord {
             waker: AtomicWaker::new(),
+            io_waker: AtomicWaker::new(),
+            upgraded: AtomicBool::new(false),
             peer,
             since: Instant::now(),
             in_flight: AtomicUsize::new(0),
@@ -275,7 +283,10 @@ impl DrainControl {
             .insert(id, record.clone());
         PhaseWatch {
             control: self.clone(),
-            id,
+            registration: Arc::new(Registration {
+                control: self.clone(),
+                id,
+            }),
             record,
             seen: Phase::Serving,
         }
@@ -300,6 +311,12 @@ impl DrainControl {
 #[derive(Debug)]
 struct ConnRecord {
     waker: AtomicWaker,
+    /// The waker of a read or write waiting on the connection's transport, woken at the
+    /// hammer: an upgraded connection (a WebSocket) is read by the application, not by
+    /// hyper, and must be cut too.
+    io_waker: AtomicWaker,
+    /// Whether it switched protocols (`101`, a WebSocket or another HTTP/1.1 upgrade).
+    upgraded: AtomicBool,
     /// Who it is from: `IP:port`, or a Unix-socket client.
     peer: String,
     since: Instant,
@@ -318,6 +335,12 @@ impl ConnRecord {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        if self.upgraded.load(Ordering::SeqCst) {
+            return format!(
+                "{} (open {open:.1} s, upgraded: a WebSocket or another protocol)",
+                self.peer
+            );
+        }
         match (busy, last) {
             (0, _) => format!("{} (open {open:.1} s, between requests)", self.peer),
             (n, Some((request, at))) => format!(
@@ -343,9 +366,27 @@ impl Drop for InFlight {
 /// A connection's view of the phase: resolves when it moves past what was last seen.
 pub(crate) struct PhaseWatch {
     control: Arc<DrainControl>,
-    id: u64,
+    registration: Arc<Registration>,
     record: Arc<ConnRecord>,
     seen: Phase,
+}
+
+/// A connection's place among the open ones: it stays while hyper serves the
+/// connection, and after an upgrade while the application holds the transport.
+#[derive(Debug)]
+struct Registration {
+    control: Arc<DrainControl>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.control
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
 }
 
 impl PhaseWatch {
@@ -369,16 +410,6 @@ impl PhaseWatch {
     }
 }
 
-impl Drop for PhaseWatch {
-    fn drop(&mut self) {
-        self.control
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
-    }
-}
-
 /// Per-connection facts the service learns from requests.
 #[derive(Debug, Default)]
 struct ConnFacts {
@@ -391,10 +422,40 @@ struct ConnFacts {
 /// The connection's transport, watched: a read that brings bytes while no request is in
 /// flight marks the next request head as arriving, so the idle grace does not close a
 /// connection whose client is in the middle of sending a request.
+///
+/// It also keeps the connection counted after an HTTP/1.1 upgrade (hyper hands this
+/// transport to the application, inside `hyper::upgrade::Upgraded`): the connection
+/// stays among the open ones and `serve` waits for it, until the application drops it
+/// or the hammer cuts it (reads and writes then fail with `ConnectionAborted`).
 struct HeadWatch<IO> {
     io: IO,
     facts: Arc<ConnFacts>,
     record: Arc<ConnRecord>,
+    flags: &'static PhaseFlags,
+    _registration: Arc<Registration>,
+    _counted: tokio_util::task::task_tracker::TaskTrackerToken,
+}
+
+impl<IO> HeadWatch<IO> {
+    /// `Err` once the hammer has fallen; otherwise registers `cx` to learn of it.
+    fn check_hammer(&self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        let hammered = || self.flags.phase() == Phase::Hammer;
+        if hammered() {
+            return Err(hammer_error());
+        }
+        self.record.io_waker.register(cx.waker());
+        if hammered() {
+            return Err(hammer_error());
+        }
+        Ok(())
+    }
+}
+
+fn hammer_error() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "reborn: the drain deadline passed (hammer): connection closed",
+    )
 }
 
 impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadWatch<IO> {
@@ -403,6 +464,9 @@ impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadWatch<IO> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Err(e) = self.check_hammer(cx) {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(())))
@@ -421,6 +485,9 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<IO> 
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if let Err(e) = self.check_hammer(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -429,6 +496,9 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<IO> 
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if let Err(e) = self.check_hammer(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -522,6 +592,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut res = std::task::ready!(this.inner.poll(cx));
+        if let Ok(resp) = &res
+            && resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            this._in_flight.0.upgraded.store(true, Ordering::SeqCst);
+        }
         if let (Ok(resp), Some(draining)) = (&mut res, *this.close_when_draining) {
             if draining.load(Ordering::SeqCst) {
                 resp.headers_mut()
@@ -540,6 +615,7 @@ pub(crate) async fn serve_connection<IO, S, B>(
     mut phase: PhaseWatch,
     timing: ConnTiming,
     extensions: http::Extensions,
+    counted: tokio_util::task::task_tracker::TaskTrackerToken,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -561,6 +637,9 @@ pub(crate) async fn serve_connection<IO, S, B>(
         io,
         facts: facts.clone(),
         record: phase.record.clone(),
+        flags: phase.flags(),
+        _registration: phase.registration.clone(),
+        _counted: counted,
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);

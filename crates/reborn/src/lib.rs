@@ -105,7 +105,9 @@
 //! answers the next request on each connection with `Connection: close` and closes a
 //! connection only after it stayed idle for a grace period ([`Builder::idle_grace`]);
 //! HTTP/2 connections get a graceful GOAWAY. A client halfway through sending its next
-//! request when the grace ends is not idle, and is answered. See [`drain`].
+//! request when the grace ends is not idle, and is answered. A connection that switched
+//! protocols (a WebSocket) keeps the old generation until it closes, or until the drain
+//! deadline cuts it. See [`drain`].
 //!
 //! # What cannot hold a process forever
 //!

@@ -406,6 +406,8 @@ impl<H, S> Connections<H, S> {
             .watch(crate::peer::ConnectionInfo::describe(info.as_ref()));
         let extensions = info.map(|i| i.extensions()).unwrap_or_default();
         let handshake = (self.handshake)(conn);
+        // Counts the connection after an upgrade too, while the application holds it.
+        let counted = self.tracker.token();
         self.tracker.spawn(async move {
             let io = tokio::select! {
                 io = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => match io {
@@ -421,7 +423,8 @@ impl<H, S> Connections<H, S> {
                 },
                 () = shutdown.hammered() => return,
             };
-            crate::drain::serve_connection(builder, io, service, phase, timing, extensions).await
+            crate::drain::serve_connection(builder, io, service, phase, timing, extensions, counted)
+                .await
         });
     }
 }
