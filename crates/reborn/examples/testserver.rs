@@ -6,7 +6,8 @@
 //! `GET /whoami` (TCP) and `GET /whoami-unix` answer who the connection is from, as
 //! axum's `ConnectInfo` and `reborn::ConnectionInfo` say.
 //! `GET /upgrade-echo` (with `Upgrade: echo`) switches protocols and echoes what it
-//! reads, as a WebSocket would hold a connection after its upgrade.
+//! reads, as a WebSocket would hold a connection after its upgrade; with `?leave=true`
+//! it says `bye` and closes at the connection's moment (`reborn::Draining`).
 //! `GET /block?ms=N` blocks its runtime thread for N ms (as a handler that calls blocking
 //! code in async code does) before it answers.
 //! Hooks print `hook: <when> <signal>` lines.
@@ -52,6 +53,12 @@ struct BlockParams {
 }
 
 #[derive(serde::Deserialize)]
+struct EchoParams {
+    /// Say "bye" and close at the connection's moment (`reborn::Draining`).
+    leave: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
 struct PingParams {
     sleep_ms: Option<u64>,
 }
@@ -67,6 +74,7 @@ struct Args {
     probation: Option<Duration>,
     hammer_grace: Option<Duration>,
     header_read_timeout: Option<Duration>,
+    eviction_window: Option<Duration>,
     panic_on_usr1: bool,
 }
 
@@ -82,6 +90,7 @@ fn parse_args() -> Result<Args, String> {
         probation: None,
         hammer_grace: None,
         header_read_timeout: None,
+        eviction_window: None,
         panic_on_usr1: false,
     };
     let mut it = std::env::args().skip(1);
@@ -103,6 +112,7 @@ fn parse_args() -> Result<Args, String> {
             "--probation-ms" => a.probation = Some(ms(value()?)?),
             "--hammer-grace-ms" => a.hammer_grace = Some(ms(value()?)?),
             "--header-read-timeout-ms" => a.header_read_timeout = Some(ms(value()?)?),
+            "--eviction-window-ms" => a.eviction_window = Some(ms(value()?)?),
             "--panic-on-usr1" => a.panic_on_usr1 = true,
             other => return Err(format!("unknown flag {other}")),
         }
@@ -196,6 +206,9 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
     let mut builder = reborn::Reborn::builder();
     if let Some(d) = args.probation {
         builder = builder.probation(d);
+    }
+    if let Some(d) = args.eviction_window {
+        builder = builder.eviction_window(d);
     }
     if let Some(d) = args.header_read_timeout {
         builder = builder.header_read_timeout(Some(d));
@@ -303,35 +316,52 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
         )
         .route(
             "/upgrade-echo",
-            get(|mut req: axum::extract::Request| async move {
-                let upgrade = hyper::upgrade::on(&mut req);
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let Ok(upgraded) = upgrade.await else {
-                        return;
-                    };
-                    let mut io = hyper_util::rt::TokioIo::new(upgraded);
-                    let mut buf = [0u8; 1024];
-                    let end = loop {
-                        match io.read(&mut buf).await {
-                            Ok(0) => break "closed by the client".to_owned(),
-                            Ok(n) => {
-                                if let Err(e) = io.write_all(&buf[..n]).await {
-                                    break e.to_string();
+            get(
+                |Query(p): Query<EchoParams>, mut req: axum::extract::Request| async move {
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    let draining = req.extensions().get::<reborn::Draining>().cloned();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let Ok(upgraded) = upgrade.await else {
+                            return;
+                        };
+                        let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                        let mut buf = [0u8; 1024];
+                        let moment = async {
+                            match (&draining, p.leave) {
+                                (Some(d), Some(true)) => d.moment().await,
+                                _ => std::future::pending().await,
+                            }
+                        };
+                        tokio::pin!(moment);
+                        let end = loop {
+                            tokio::select! {
+                                read = io.read(&mut buf) => match read {
+                                    Ok(0) => break "closed by the client".to_owned(),
+                                    Ok(n) => {
+                                        if let Err(e) = io.write_all(&buf[..n]).await {
+                                            break e.to_string();
+                                        }
+                                    }
+                                    Err(e) => break e.to_string(),
+                                },
+                                () = &mut moment => {
+                                    let _ = io.write_all(b"bye\n").await;
+                                    let _ = io.shutdown().await;
+                                    break "let go at its moment".to_owned();
                                 }
                             }
-                            Err(e) => break e.to_string(),
-                        }
-                    };
-                    say!("upgraded connection ended: {end}");
-                });
-                axum::response::Response::builder()
-                    .status(http::StatusCode::SWITCHING_PROTOCOLS)
-                    .header(http::header::CONNECTION, "upgrade")
-                    .header(http::header::UPGRADE, "echo")
-                    .body(axum::body::Body::empty())
-                    .unwrap_or_default()
-            }),
+                        };
+                        say!("upgraded connection ended: {end}");
+                    });
+                    axum::response::Response::builder()
+                        .status(http::StatusCode::SWITCHING_PROTOCOLS)
+                        .header(http::header::CONNECTION, "upgrade")
+                        .header(http::header::UPGRADE, "echo")
+                        .body(axum::body::Body::empty())
+                        .unwrap_or_default()
+                },
+            ),
         )
         .route(
             "/block",

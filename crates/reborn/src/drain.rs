@@ -144,6 +144,8 @@ pub(crate) struct DrainControl {
     next_conn: AtomicU64,
     /// Counts resumptions: a drain deadline armed before one no longer applies.
     epoch: AtomicU64,
+    /// When the current drain started.
+    started_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl DrainControl {
@@ -158,7 +160,13 @@ impl DrainControl {
             conns: std::sync::Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            started_at: std::sync::Mutex::new(None),
         }
+    }
+
+    /// When the current drain started, if one has.
+    pub(crate) fn started_at(&self) -> Option<Instant> {
+        *self.started_at.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// How many times the process went back to serving after a drain.
@@ -188,6 +196,10 @@ impl DrainControl {
             Phase::Hammer => 2,
         };
         self.flags.draining.store(true, Ordering::SeqCst);
+        self.started_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Instant::now);
         let before = self.flags.phase.fetch_max(code, Ordering::SeqCst);
         if before >= code {
             return false;
@@ -231,6 +243,7 @@ impl DrainControl {
             return false;
         }
         *slot = None;
+        *self.started_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.flags.draining.store(false, Ordering::SeqCst);
         self.tx.send_replace(Phase::Serving);
@@ -407,6 +420,11 @@ impl PhaseWatch {
 
     fn flags(&self) -> &'static PhaseFlags {
         self.control.flags
+    }
+
+    /// This connection's [`crate::Draining`] handle, its moment placed in `window`.
+    pub(crate) fn draining(&self, window: Duration) -> crate::Draining {
+        crate::draining::Draining::new(self.control.clone(), self.registration.id, window)
     }
 }
 

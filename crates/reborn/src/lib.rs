@@ -127,6 +127,7 @@
 
 pub mod activation;
 pub mod drain;
+pub mod draining;
 pub mod error;
 mod files;
 pub mod listeners;
@@ -144,6 +145,7 @@ pub mod upgrade;
 use std::sync::Mutex;
 
 pub use drain::{Phase, Shutdown};
+pub use draining::Draining;
 pub use error::{Error, Result};
 pub use listeners::{ListenAddr, Listener};
 pub use peer::{ConnectionInfo, UnixPeer};

@@ -404,7 +404,8 @@ impl<H, S> Connections<H, S> {
             .inner
             .drain
             .watch(crate::peer::ConnectionInfo::describe(info.as_ref()));
-        let extensions = info.map(|i| i.extensions()).unwrap_or_default();
+        let mut extensions = info.map(|i| i.extensions()).unwrap_or_default();
+        extensions.insert(phase.draining(self.inner.eviction_window()));
         let handshake = (self.handshake)(conn);
         // Counts the connection after an upgrade too, while the application holds it.
         let counted = self.tracker.token();

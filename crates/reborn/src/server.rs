@@ -62,6 +62,7 @@ pub(crate) struct Config {
     pub(crate) hammer_grace: Duration,
     pub(crate) close_unclaimed: bool,
     pub(crate) header_read_timeout: Option<Duration>,
+    pub(crate) eviction_window: Option<Duration>,
 }
 
 impl Default for Config {
@@ -81,6 +82,7 @@ impl Default for Config {
             hammer_grace: DEFAULT_HAMMER_GRACE,
             close_unclaimed: false,
             header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
+            eviction_window: None,
         }
     }
 }
@@ -191,6 +193,15 @@ impl Builder {
     /// this long more for the head, then its answer with `Connection: close`.
     pub fn header_read_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.config.header_read_timeout = timeout;
+        self
+    }
+
+    /// Over how long after the drain starts long-lived connections are asked to leave,
+    /// each at its own moment ([`Draining::moment`](crate::Draining::moment)), so that
+    /// their clients do not all reconnect at once. Default: a tenth of the
+    /// [drain deadline](Builder::drain_timeout). See [`crate::draining`].
+    pub fn eviction_window(mut self, window: Duration) -> Self {
+        self.config.eviction_window = Some(window);
         self
     }
 
@@ -449,6 +460,13 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// The eviction window: as set, or a tenth of the drain deadline.
+    pub(crate) fn eviction_window(&self) -> Duration {
+        self.config
+            .eviction_window
+            .unwrap_or(self.config.drain_timeout / 10)
+    }
+
     pub(crate) fn listeners(&self) -> std::sync::MutexGuard<'_, ListenerSet> {
         self.listeners.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -11,12 +11,17 @@ use reborn_testkit::{PATIENCE, alive, signal};
 
 /// Opens a connection to `/upgrade-echo` and reads the `101` head.
 fn upgraded(addr: std::net::SocketAddr) -> TcpStream {
+    upgraded_at(addr, "/upgrade-echo")
+}
+
+/// Opens a connection to `path` (an `/upgrade-echo`) and reads the `101` head.
+fn upgraded_at(addr: std::net::SocketAddr, path: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(PATIENCE)).expect("timeout");
-    s.write_all(
-        b"GET /upgrade-echo HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
-    )
-    .expect("the upgrade request");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n");
+    s.write_all(request.as_bytes())
+        .expect("the upgrade request");
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -97,4 +102,56 @@ fn an_upgraded_connection_that_never_closes_is_cut_at_the_deadline() {
     let mut rest = Vec::new();
     let _ = conn.read_to_end(&mut rest);
     assert!(rest.is_empty(), "nothing more arrives: {rest:?}");
+}
+
+/// Long-lived connections are asked to leave each at its own moment, spread over the
+/// eviction window (`reborn::Draining`), not all at once: each says goodbye, its client
+/// reconnects to the new generation, and the old one exits long before its deadline.
+#[test]
+fn long_lived_connections_leave_at_moments_spread_over_the_eviction_window() {
+    let window = std::time::Duration::from_millis(2000);
+    let mut server = common::Server::start(&[
+        "--drain-timeout-ms",
+        "600000",
+        "--eviction-window-ms",
+        &window.as_millis().to_string(),
+    ]);
+    let old = server.proc.pid();
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let mut conn = upgraded_at(server.addr, "/upgrade-echo?leave=true");
+            echo(&mut conn, "hi").expect("echo");
+            std::thread::spawn(move || {
+                let mut said = String::new();
+                conn.read_to_string(&mut said).expect("the goodbye");
+                (said, std::time::Instant::now())
+            })
+        })
+        .collect();
+    server.deploy_variant("v2");
+    signal(old, libc::SIGHUP);
+    let new = server.wait_new_pid(old);
+    let mut times = Vec::new();
+    for c in clients {
+        let (said, at) = c.join().expect("client thread");
+        assert_eq!(
+            said, "bye\n",
+            "each connection is told to leave, then closed"
+        );
+        times.push(at);
+    }
+    times.sort();
+    let spread = times[times.len() - 1] - times[0];
+    assert!(
+        spread >= window / 2,
+        "20 moments spread over the window, not one: {spread:?}"
+    );
+    assert_eq!(
+        server.proc.wait_exit(PATIENCE),
+        Some(0),
+        "{}",
+        server.proc.output()
+    );
+    assert_eq!(common::body_pid(&server.get("/ping").body), Some(new));
+    server.stop_current();
 }
