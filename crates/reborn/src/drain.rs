@@ -221,7 +221,8 @@ impl DrainControl {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         for conn in conns.values() {
             conn.waker.wake();
-            conn.io_waker.wake();
+            conn.read_waker.wake();
+            conn.write_waker.wake();
         }
     }
 
@@ -283,7 +284,8 @@ impl DrainControl {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let record = Arc::new(ConnRecord {
             waker: AtomicWaker::new(),
-            io_waker: AtomicWaker::new(),
+            read_waker: AtomicWaker::new(),
+            write_waker: AtomicWaker::new(),
             upgraded: AtomicBool::new(false),
             peer,
             since: Instant::now(),
@@ -324,10 +326,11 @@ impl DrainControl {
 #[derive(Debug)]
 struct ConnRecord {
     waker: AtomicWaker,
-    /// The waker of a read or write waiting on the connection's transport, woken at the
-    /// hammer: an upgraded connection (a WebSocket) is read by the application, not by
-    /// hyper, and must be cut too.
-    io_waker: AtomicWaker,
+    /// The wakers of a read and of a write waiting on the connection's transport, woken
+    /// at the hammer: an upgraded connection (a WebSocket) is read and written by the
+    /// application, not by hyper, and must be cut too.
+    read_waker: AtomicWaker,
+    write_waker: AtomicWaker,
     /// Whether it switched protocols (`101`, a WebSocket or another HTTP/1.1 upgrade).
     upgraded: AtomicBool,
     /// Who it is from: `IP:port`, or a Unix-socket client.
@@ -455,17 +458,35 @@ struct HeadWatch<IO> {
 }
 
 impl<IO> HeadWatch<IO> {
-    /// `Err` once the hammer has fallen; otherwise registers `cx` to learn of it.
-    fn check_hammer(&self, cx: &mut Context<'_>) -> std::io::Result<()> {
-        let hammered = || self.flags.phase() == Phase::Hammer;
-        if hammered() {
-            return Err(hammer_error());
+    /// Whether the hammer has fallen.
+    fn hammered(&self) -> bool {
+        self.flags.phase() == Phase::Hammer
+    }
+
+    /// Runs one poll of the transport, unless the hammer has fallen. Only a poll that
+    /// would wait registers to be woken at the hammer (reads and writes apart, so that a
+    /// connection split between a reader task and a writer task wakes both): a ready
+    /// one, the common case, costs one atomic load.
+    fn poll_unless_hammered<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        waker: fn(&ConnRecord) -> &AtomicWaker,
+        poll: impl FnOnce(Pin<&mut IO>, &mut Context<'_>) -> Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>>
+    where
+        IO: Unpin,
+    {
+        if self.hammered() {
+            return Poll::Ready(Err(hammer_error()));
         }
-        self.record.io_waker.register(cx.waker());
-        if hammered() {
-            return Err(hammer_error());
+        let res = poll(Pin::new(&mut self.io), cx);
+        if res.is_pending() {
+            waker(&self.record).register(cx.waker());
+            if self.hammered() {
+                return Poll::Ready(Err(hammer_error()));
+            }
         }
-        Ok(())
+        res
     }
 }
 
@@ -482,11 +503,8 @@ impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadWatch<IO> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if let Err(e) = self.check_hammer(cx) {
-            return Poll::Ready(Err(e));
-        }
         let before = buf.filled().len();
-        let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        let res = self.poll_unless_hammered(cx, |r| &r.read_waker, |io, cx| io.poll_read(cx, buf));
         if matches!(res, Poll::Ready(Ok(())))
             && buf.filled().len() > before
             && self.record.in_flight.load(Ordering::SeqCst) == 0
@@ -503,10 +521,7 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<IO> 
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if let Err(e) = self.check_hammer(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        self.poll_unless_hammered(cx, |r| &r.write_waker, |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -514,10 +529,11 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<IO> 
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        if let Err(e) = self.check_hammer(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        self.poll_unless_hammered(
+            cx,
+            |r| &r.write_waker,
+            |io, cx| io.poll_write_vectored(cx, bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
