@@ -225,6 +225,13 @@ impl Proc {
         });
         status.code()
     }
+
+    /// Waits (up to [`PATIENCE`]) for the process to exit, and asserts that it exited
+    /// with `code`, showing everything it printed otherwise.
+    pub fn assert_exits_with(&mut self, code: i32) {
+        let exit = self.wait_exit(PATIENCE);
+        assert_eq!(exit, Some(code), "{}", self.output());
+    }
 }
 
 impl Drop for Proc {

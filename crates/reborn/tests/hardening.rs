@@ -296,12 +296,7 @@ fn a_request_head_still_arriving_at_the_idle_grace_is_answered() {
         assert!(answer.contains("connection: close"), "{answer}");
         assert!(answer.contains(&format!("pid={pid}")), "{answer}");
     }
-    assert_eq!(
-        server.proc.wait_exit(PATIENCE),
-        Some(0),
-        "{}",
-        server.proc.output()
-    );
+    server.proc.assert_exits_with(0);
 }
 
 /// A slowloris client, sending its request head a line at a time and never finishing it,
@@ -342,12 +337,7 @@ fn a_slowloris_client_cannot_hold_a_drain_until_its_deadline() {
         })
         .collect();
     signal(server.proc.pid(), libc::SIGTERM);
-    assert_eq!(
-        server.proc.wait_exit(PATIENCE),
-        Some(0),
-        "{}",
-        server.proc.output()
-    );
+    server.proc.assert_exits_with(0);
     for l in loris {
         assert!(
             l.join().expect("slowloris thread"),
@@ -392,12 +382,7 @@ fn a_server_out_of_file_descriptors_says_so_once_and_can_still_upgrade() {
     });
     drop(clients);
     server.wait_answered_by(new);
-    assert_eq!(
-        server.proc.wait_exit(PATIENCE),
-        Some(0),
-        "{}",
-        server.proc.output()
-    );
+    server.proc.assert_exits_with(0);
     server.stop_current();
 }
 
@@ -432,7 +417,7 @@ fn a_pid_file_on_a_full_disk_leaves_no_temporary_file() {
         .collect();
     assert_eq!(names, ["fill"], "{}", server.output());
     signal(server.pid(), libc::SIGTERM);
-    assert_eq!(server.wait_exit(PATIENCE), Some(0), "{}", server.output());
+    server.assert_exits_with(0);
 }
 
 /// A `REBORN_MASTER_PID` handed on from another environment (no master made this

@@ -67,12 +67,7 @@ fn an_upgraded_connection_keeps_the_old_generation_until_it_closes() {
         "the old generation stays while the connection is open"
     );
     drop(conn);
-    assert_eq!(
-        server.proc.wait_exit(PATIENCE),
-        Some(0),
-        "{}",
-        server.proc.output()
-    );
+    server.proc.assert_exits_with(0);
     let output = server.proc.output();
     assert!(
         output.contains("upgraded connection ended: closed by the client"),
@@ -88,12 +83,7 @@ fn an_upgraded_connection_that_never_closes_is_cut_at_the_deadline() {
     let mut conn = upgraded(server.addr);
     echo(&mut conn, "hello").expect("echo");
     signal(server.proc.pid(), libc::SIGTERM);
-    assert_eq!(
-        server.proc.wait_exit(PATIENCE),
-        Some(0),
-        "{}",
-        server.proc.output()
-    );
+    server.proc.assert_exits_with(0);
     let output = server.proc.output();
     assert!(
         output.contains("upgraded connection ended: reborn: the drain deadline passed"),
@@ -146,12 +136,7 @@ fn long_lived_connections_leave_at_moments_spread_over_the_eviction_window() {
         spread >= window / 2,
         "20 moments spread over the window, not one: {spread:?}"
     );
-    assert_eq!(
-        server.proc.wait_exit(PATIENCE),
-        Some(0),
-        "{}",
-        server.proc.output()
-    );
+    server.proc.assert_exits_with(0);
     assert_eq!(common::body_pid(&server.get("/ping").body), Some(new));
     server.stop_current();
 }
