@@ -335,13 +335,24 @@ async fn spawn_and_wait(
         // An exit is looked at first: a process that said READY=1 and died at once
         // must not be committed to.
         biased;
-        status = child.wait() => Err(UpgradeError::Exited {
-            pid,
-            status: match status {
-                Ok(s) => describe_exit(s),
-                Err(e) => format!("could not be waited for ({e})"),
-            },
-        }),
+        status = child.wait() => {
+            let exited = UpgradeError::Exited {
+                pid,
+                status: match status {
+                    Ok(s) => describe_exit(s),
+                    Err(e) => format!("could not be waited for ({e})"),
+                },
+            };
+            // A process that refused to report ready (a failed readiness check,
+            // unclaimed listeners) said why before it drained and exited: that datagram
+            // is already queued, and is the better reason.
+            match tokio::time::timeout(REFUSAL_AFTER_EXIT, wait_ready(&receiver, pid)).await {
+                Ok(Err(refused @ (UpgradeError::NotHealthy { .. } | UpgradeError::Refused { .. }))) => {
+                    Err(refused)
+                }
+                _ => Err(exited),
+            }
+        }
         ready = wait_ready(&receiver, pid) => ready,
         // A shutdown while the new process starts: it must not be left serving alone.
         () = shutdown.draining() => Err(UpgradeError::Draining { pid: std::process::id() }),
@@ -393,6 +404,9 @@ async fn spawn_and_wait(
 
 /// Waits for the new process's `READY=1`; a report of failure (`ERRNO=`, as a failed
 /// readiness check sends) is an error with the status it came with.
+/// How long an exited new process's queued notify messages are read for its refusal.
+const REFUSAL_AFTER_EXIT: Duration = Duration::from_millis(50);
+
 async fn wait_ready(receiver: &NotifyReceiver, pid: u32) -> Result<(), UpgradeError> {
     loop {
         let msg = receiver.recv().await.map_err(UpgradeError::Notify)?;
