@@ -2,11 +2,13 @@
 //! reborn's upgrades: it takes the raw socket, reports ready itself, and stops accepting
 //! when the drain starts.
 //!
-//! Each line a client sends is answered with `<LINE> pid=<pid>`; a connection is
-//! finished after its current line once the drain starts.
+//! Each line a client sends is answered with `<LINE> pid=<pid>`. Once the drain starts,
+//! each connection is told `bye pid=<pid>` and closed at its own moment
+//! ([`reborn::Reborn::draining`]), the moments spread over the eviction window (the
+//! second argument, in milliseconds), so that clients do not all reconnect at once.
 //!
 //! ```text
-//! cargo run --example raw_tcp -- 127.0.0.1:7000
+//! cargo run --example raw_tcp -- 127.0.0.1:7000 2000
 //! printf 'hello\n' | nc -q1 127.0.0.1 7000
 //! kill -HUP <pid>
 //! ```
@@ -20,9 +22,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:7000".into());
-    let reborn = reborn::Reborn::builder()
-        .ready_mode(reborn::ReadyMode::Manual)
-        .build()?;
+    let mut builder = reborn::Reborn::builder().ready_mode(reborn::ReadyMode::Manual);
+    if let Some(ms) = std::env::args().nth(2) {
+        builder = builder.eviction_window(std::time::Duration::from_millis(ms.parse()?));
+    }
+    let reborn = builder.build()?;
     let listener = reborn.listen("lines", &addr)?;
     let pid = std::process::id();
     println!("[pid] {pid}");
@@ -41,15 +45,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 _ = shutdown.draining() => break,
                 accepted = listener.accept() => accepted?,
             };
-            let shutdown = shutdown.clone();
+            // This connection's moment to leave, once the drain starts.
+            let draining = reborn.draining();
             tasks.spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut lines = BufReader::new(read).lines();
                 loop {
                     let line = tokio::select! {
                         line = lines.next_line() => line,
-                        // Idle when the drain starts: close; mid-line, the answer is sent first.
-                        _ = shutdown.draining() => break,
+                        // At the connection's moment: say so and close. A line being
+                        // answered is answered first.
+                        () = draining.moment() => {
+                            let _ = write.write_all(format!("bye pid={pid}\n").as_bytes()).await;
+                            break;
+                        }
                     };
                     let Ok(Some(line)) = line else { break };
                     if write

@@ -19,7 +19,8 @@
 //!   until the application closes it.
 //! * **At the hammer** (drain deadline, `SIGUSR2`): the connection is dropped; an
 //!   upgraded one's reads and writes fail (`ConnectionAborted`), so the application's
-//!   task ends and lets it go.
+//!   task ends and lets it go; a WebSocket is first sent a close frame (`1012` when a new
+//!   generation serves, `1001` at a shutdown) if it is between two frames.
 //!
 //! Each connection is registered with who it is from and which request it is in, so that
 //! a process that cannot finish (a handler blocking a runtime thread ignores the hammer)
@@ -279,14 +280,20 @@ impl DrainControl {
         self.advance(Phase::Hammer)
     }
 
+    /// A new connection's number: its place in the eviction window.
+    pub(crate) fn next_connection(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Registers a connection from `peer` (for the record) for phase changes.
     pub(crate) fn watch(self: &Arc<Self>, peer: String) -> PhaseWatch {
-        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_connection();
         let record = Arc::new(ConnRecord {
             waker: AtomicWaker::new(),
             read_waker: AtomicWaker::new(),
             write_waker: AtomicWaker::new(),
             upgraded: AtomicBool::new(false),
+            websocket: AtomicBool::new(false),
             peer,
             since: Instant::now(),
             in_flight: AtomicUsize::new(0),
@@ -333,6 +340,8 @@ struct ConnRecord {
     write_waker: AtomicWaker,
     /// Whether it switched protocols (`101`, a WebSocket or another HTTP/1.1 upgrade).
     upgraded: AtomicBool,
+    /// Whether it switched to the WebSocket protocol: the hammer sends a close frame.
+    websocket: AtomicBool,
     /// Who it is from: `IP:port`, or a Unix-socket client.
     peer: String,
     since: Instant,
@@ -447,20 +456,62 @@ struct ConnFacts {
 /// It also keeps the connection counted after an HTTP/1.1 upgrade (hyper hands this
 /// transport to the application, inside `hyper::upgrade::Upgraded`): the connection
 /// stays among the open ones and `serve` waits for it, until the application drops it
-/// or the hammer cuts it (reads and writes then fail with `ConnectionAborted`).
+/// or the hammer cuts it (reads and writes then fail with `ConnectionAborted`). A
+/// WebSocket is sent a close frame first where one fits (see [`crate::websocket`]).
 struct HeadWatch<IO> {
     io: IO,
     facts: Arc<ConnFacts>,
     record: Arc<ConnRecord>,
     flags: &'static PhaseFlags,
-    _registration: Arc<Registration>,
+    ws: crate::websocket::Outgoing,
+    registration: Arc<Registration>,
     _counted: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
-impl<IO> HeadWatch<IO> {
+impl<IO: tokio::io::AsyncWrite + Unpin> HeadWatch<IO> {
     /// Whether the hammer has fallen.
     fn hammered(&self) -> bool {
         self.flags.phase() == Phase::Hammer
+    }
+
+    /// The hammer's error, after one try (without waiting) at a WebSocket close frame
+    /// where one fits: `1012 Service Restart` when a new generation serves, `1001 Going
+    /// Away` at a shutdown.
+    fn hammer(&mut self, cx: &mut Context<'_>) -> std::io::Error {
+        if self.ws.close_fits() {
+            self.ws.close_sent();
+            let frame = match self.registration.control.reason() {
+                Some(DrainReason::Upgraded { .. }) => {
+                    crate::websocket::close_frame(1012, "service restart")
+                }
+                _ => crate::websocket::close_frame(1001, "going away"),
+            };
+            if let Poll::Ready(Ok(n)) = Pin::new(&mut self.io).poll_write(cx, &frame)
+                && n == frame.len()
+            {
+                let _ = Pin::new(&mut self.io).poll_flush(cx);
+            }
+        }
+        hammer_error()
+    }
+
+    /// Follows a WebSocket's frames from the `101` response on: `bufs` were written, of
+    /// which the first `n` bytes were taken.
+    fn wrote<'b>(&mut self, bufs: impl IntoIterator<Item = &'b [u8]>, mut n: usize) {
+        if !self.ws.is_on() {
+            if !self.record.websocket.load(Ordering::Relaxed) {
+                return;
+            }
+            self.ws.start();
+        }
+        for buf in bufs {
+            let taken = n.min(buf.len());
+            self.ws.observe(&buf[..taken]);
+            n -= taken;
+            if n == 0 {
+                return;
+            }
+        }
     }
 
     /// Runs one poll of the transport, unless the hammer has fallen. Only a poll that
@@ -477,13 +528,13 @@ impl<IO> HeadWatch<IO> {
         IO: Unpin,
     {
         if self.hammered() {
-            return Poll::Ready(Err(hammer_error()));
+            return Poll::Ready(Err(self.hammer(cx)));
         }
         let res = poll(Pin::new(&mut self.io), cx);
         if res.is_pending() {
             waker(&self.record).register(cx.waker());
             if self.hammered() {
-                return Poll::Ready(Err(hammer_error()));
+                return Poll::Ready(Err(self.hammer(cx)));
             }
         }
         res
@@ -497,7 +548,9 @@ fn hammer_error() -> std::io::Error {
     )
 }
 
-impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadWatch<IO> {
+impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRead
+    for HeadWatch<IO>
+{
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -521,7 +574,12 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<IO> 
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.poll_unless_hammered(cx, |r| &r.write_waker, |io, cx| io.poll_write(cx, buf))
+        let res =
+            self.poll_unless_hammered(cx, |r| &r.write_waker, |io, cx| io.poll_write(cx, buf));
+        if let Poll::Ready(Ok(n)) = res {
+            self.wrote([buf], n);
+        }
+        res
     }
 
     fn poll_write_vectored(
@@ -529,11 +587,15 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<IO> 
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.poll_unless_hammered(
+        let res = self.poll_unless_hammered(
             cx,
             |r| &r.write_waker,
             |io, cx| io.poll_write_vectored(cx, bufs),
-        )
+        );
+        if let Poll::Ready(Ok(n)) = res {
+            self.wrote(bufs.iter().map(|b| &**b), n);
+        }
+        res
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -630,6 +692,9 @@ where
             && resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
         {
             this._in_flight.0.upgraded.store(true, Ordering::SeqCst);
+            if crate::websocket::is_websocket_upgrade(resp.headers()) {
+                this._in_flight.0.websocket.store(true, Ordering::SeqCst);
+            }
         }
         if let (Ok(resp), Some(draining)) = (&mut res, *this.close_when_draining) {
             if draining.load(Ordering::SeqCst) {
@@ -672,7 +737,8 @@ pub(crate) async fn serve_connection<IO, S, B>(
         facts: facts.clone(),
         record: phase.record.clone(),
         flags: phase.flags(),
-        _registration: phase.registration.clone(),
+        ws: crate::websocket::Outgoing::new(),
+        registration: phase.registration.clone(),
         _counted: counted,
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);

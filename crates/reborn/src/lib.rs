@@ -141,6 +141,7 @@ mod server;
 pub mod signals;
 pub mod spawn;
 pub mod upgrade;
+mod websocket;
 
 use std::sync::Mutex;
 

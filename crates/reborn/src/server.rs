@@ -874,6 +874,35 @@ impl Reborn {
         self.inner.drain.shutdown()
     }
 
+    /// A [`Draining`](crate::Draining) handle for one connection of a server with its
+    /// own accept loop: call it once per accepted connection, and each gets its own
+    /// moment in the eviction window, as connections served by [`serve`](Self::serve) do.
+    ///
+    /// ```no_run
+    /// # async fn example(reborn: reborn::Reborn, listener: tokio::net::TcpListener) {
+    /// let shutdown = reborn.shutdown_signal();
+    /// loop {
+    ///     let (stream, _) = tokio::select! {
+    ///         _ = shutdown.draining() => break,
+    ///         accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+    ///     };
+    ///     let draining = reborn.draining();
+    ///     tokio::spawn(async move {
+    ///         // ... serve `stream` until `draining.moment()`, then say goodbye and close.
+    ///         draining.moment().await;
+    ///         drop(stream);
+    ///     });
+    /// }
+    /// # }
+    /// ```
+    pub fn draining(&self) -> crate::Draining {
+        crate::Draining::new(
+            self.inner.drain.clone(),
+            self.inner.drain.next_connection(),
+            self.inner.eviction_window(),
+        )
+    }
+
     /// The current phase.
     pub fn phase(&self) -> Phase {
         self.inner.drain.phase()
