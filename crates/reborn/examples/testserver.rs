@@ -8,6 +8,13 @@
 //! `GET /upgrade-echo` (with `Upgrade: echo`) switches protocols and echoes what it
 //! reads, as a WebSocket would hold a connection after its upgrade; with `?leave=true`
 //! it says `bye` and closes at the connection's moment (`reborn::Draining`).
+//! `GET /ws` is a WebSocket that sends `tick N pid=P` every `?tick_ms=` (200 by default)
+//! and echoes text as `echo TEXT pid=P`; at the connection's moment it sends
+//! `last N pid=P`, closes with `1012 Service Restart` and waits for the client's close
+//! (`?leave=false`: it ignores the moment, and only the hammer ends it).
+//! `GET /events` is a server-sent event stream: event `N` (`data: event N pid=P`) every
+//! `?tick_ms=` (50 by default), from the one after `Last-Event-ID`; it ends at the
+//! connection's moment, and the client's reconnection resumes where it left off.
 //! `GET /block?ms=N` blocks its runtime thread for N ms (as a handler that calls blocking
 //! code in async code does) before it answers.
 //! Hooks print `hook: <when> <signal>` lines.
@@ -50,6 +57,13 @@ use axum::{
 #[derive(serde::Deserialize)]
 struct BlockParams {
     ms: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamParams {
+    tick_ms: Option<u64>,
+    /// Whether to let go at the connection's moment (the default) or ignore it.
+    leave: Option<bool>,
 }
 
 #[derive(serde::Deserialize)]
@@ -364,6 +378,30 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
             ),
         )
         .route(
+            "/ws",
+            get(
+                move |upgrade: axum::extract::ws::WebSocketUpgrade,
+                      Query(p): Query<StreamParams>,
+                      draining: reborn::Draining| async move {
+                    upgrade.on_upgrade(move |socket| websocket(socket, draining, p, pid))
+                },
+            ),
+        )
+        .route(
+            "/events",
+            get(
+                move |Query(p): Query<StreamParams>,
+                      headers: http::HeaderMap,
+                      draining: reborn::Draining| async move {
+                    let last: u64 = headers
+                        .get("last-event-id")
+                        .and_then(|v| v.to_str().ok()?.parse().ok())
+                        .unwrap_or(0);
+                    events(last, draining, p, pid)
+                },
+            ),
+        )
+        .route(
             "/block",
             get(|Query(p): Query<BlockParams>| async move {
                 say!("blocking a runtime thread for {} ms", p.ms);
@@ -412,4 +450,98 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
         say!("exiting");
         Ok(())
     })
+}
+
+/// The `/ws` session: ticks and echoes until the connection's moment, then a clean close.
+async fn websocket(
+    mut socket: axum::extract::ws::WebSocket,
+    draining: reborn::Draining,
+    p: StreamParams,
+    pid: u32,
+) {
+    use axum::extract::ws::{CloseFrame, Message};
+    let mut tick = tokio::time::interval(Duration::from_millis(p.tick_ms.unwrap_or(200)));
+    tick.tick().await;
+    let moment = async {
+        match p.leave {
+            Some(false) => std::future::pending().await,
+            _ => draining.moment().await,
+        }
+    };
+    tokio::pin!(moment);
+    let mut n = 0u64;
+    let end = loop {
+        tokio::select! {
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    let answer = format!("echo {} pid={pid}", t.as_str());
+                    if let Err(e) = socket.send(Message::Text(answer.into())).await {
+                        break format!("send failed: {e}");
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => break "closed by the client".to_owned(),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break format!("error: {e}"),
+            },
+            _ = tick.tick() => {
+                n += 1;
+                if let Err(e) = socket.send(Message::Text(format!("tick {n} pid={pid}").into())).await {
+                    break format!("send failed: {e}");
+                }
+            }
+            () = &mut moment => {
+                let _ = socket.send(Message::Text(format!("last {n} pid={pid}").into())).await;
+                let close = CloseFrame { code: 1012, reason: "service restart".into() };
+                let _ = socket.send(Message::Close(Some(close))).await;
+                // The client answers with its own close; then the connection is done.
+                // One that never answers is cut by the hammer.
+                let end = loop {
+                    match socket.recv().await {
+                        Some(Ok(Message::Close(_))) | None => break "let go at its moment",
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) => break "let go at its moment; cut before the client answered",
+                    }
+                };
+                break end.to_owned();
+            }
+        }
+    };
+    say!("websocket ended: {end}");
+}
+
+/// The `/events` stream: event `last + 1` on, until the connection's moment. Each event is
+/// a function of its number here; a real application reads them from where they are
+/// kept (a log, a database) from `Last-Event-ID` on, so any generation can resume.
+fn events(
+    last: u64,
+    draining: reborn::Draining,
+    p: StreamParams,
+    pid: u32,
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, Sse};
+    let tick = Duration::from_millis(p.tick_ms.unwrap_or(50));
+    // The first event tells the client to reconnect 100 ms after the stream ends.
+    let first = Event::default()
+        .retry(Duration::from_millis(100))
+        .comment("resuming");
+    let stream = futures_util::stream::unfold(
+        (Some(first), last, draining),
+        move |(first, n, draining)| async move {
+            if let Some(first) = first {
+                return Some((Ok(first), (None, n, draining)));
+            }
+            tokio::select! {
+                () = draining.moment() => None,
+                () = tokio::time::sleep(tick) => {
+                    let event = Event::default()
+                        .id((n + 1).to_string())
+                        .data(format!("event {} pid={pid}", n + 1));
+                    Some((Ok(event), (None, n + 1, draining)))
+                }
+            }
+        },
+    );
+    Sse::new(stream)
 }
