@@ -3,6 +3,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::{body_pid, testserver};
 use reborn_testkit::{PATIENCE, Proc, alive, signal, wait_for};
@@ -232,6 +233,79 @@ fn a_raw_accept_loop_server_is_upgraded() {
             .filter(|p| *p != first)
     });
     assert_eq!(proc.wait_exit(PATIENCE), Some(0));
+    signal(second, libc::SIGTERM);
+    wait_for("the second generation to exit", PATIENCE, || {
+        (!alive(second)).then_some(())
+    });
+}
+
+#[test]
+fn a_raw_accept_loop_server_lets_each_connection_go_at_its_own_moment() {
+    use std::io::{BufRead, BufReader, Write};
+    const CLIENTS: usize = 20;
+    const WINDOW: Duration = Duration::from_millis(1000);
+    let dir = tempfile::tempdir().unwrap();
+    let bin = reborn_testkit::copy_to(
+        &reborn_testkit::example("reborn", "raw_tcp"),
+        dir.path(),
+        "server",
+    );
+    let mut cmd = Command::new(&bin);
+    cmd.args(["127.0.0.1:0", &WINDOW.as_millis().to_string()]);
+    let mut proc = Proc::start(cmd);
+    let addr: std::net::SocketAddr = proc.wait_line("the address", |l| {
+        l.strip_prefix("listening on ")?.parse().ok()
+    });
+    let first = proc.pid();
+    // Connected and answered by the first generation, then idle.
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(PATIENCE)).unwrap();
+            s.write_all(format!("hello {i}\n").as_bytes()).unwrap();
+            let mut reader = BufReader::new(s);
+            let mut answer = String::new();
+            reader.read_line(&mut answer).unwrap();
+            assert_eq!(answer, format!("hello {i} pid={first}\n"));
+            reader
+        })
+        .collect();
+    signal(first, libc::SIGHUP);
+    // Each client is told goodbye by the old generation, then the connection closes.
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut reader| {
+            std::thread::spawn(move || {
+                let mut bye = String::new();
+                reader.read_line(&mut bye).unwrap();
+                let at = Instant::now();
+                let mut rest = String::new();
+                let eof = reader.read_line(&mut rest).unwrap();
+                (bye, at, eof, rest)
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    for reader in readers {
+        let (bye, at, eof, rest) = reader.join().unwrap();
+        assert_eq!(bye, format!("bye pid={first}\n"));
+        assert_eq!((eof, rest.as_str()), (0, ""), "closed after the goodbye");
+        times.push(at);
+    }
+    let spread = *times.iter().max().unwrap() - *times.iter().min().unwrap();
+    assert!(
+        spread >= WINDOW / 2 && spread <= WINDOW + Duration::from_secs(2),
+        "the goodbyes spread over {spread:?}, the window is {WINDOW:?}"
+    );
+    assert_eq!(proc.wait_exit(PATIENCE), Some(0));
+    let second = wait_for("the new generation", PATIENCE, || {
+        let mut s = std::net::TcpStream::connect(addr).ok()?;
+        s.write_all(b"hi\n").ok()?;
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).ok()?;
+        answer.trim().rsplit_once("pid=")?.1.parse::<u32>().ok()
+    });
+    assert_ne!(second, first);
     signal(second, libc::SIGTERM);
     wait_for("the second generation to exit", PATIENCE, || {
         (!alive(second)).then_some(())
