@@ -11,6 +11,17 @@
 //! deadline by default): every request carries a [`Draining`] handle (an axum extractor
 //! too) whose [`moment`](Draining::moment) resolves at its connection's moment.
 //!
+//! A connection that is plain HTTP needs nothing: the drain closes it between requests.
+//! What stays open past the window is cut by the drain deadline's hammer, a WebSocket
+//! with a close frame of its own (`1012` at an upgrade, `1001 Going Away` at shutdown)
+//! where the connection is between frames.
+//!
+//! # WebSockets
+//!
+//! At the moment, send what is due, then a close frame with code 1012, and wait for the
+//! client's close (a client that never answers is cut at the deadline). Browsers and
+//! WebSocket libraries reconnect, and reach the new generation:
+//!
 //! ```no_run
 //! use axum::{Router, extract::ws::{CloseFrame, Message, WebSocketUpgrade}, routing::get};
 //!
@@ -19,26 +30,77 @@
 //!         loop {
 //!             tokio::select! {
 //!                 msg = socket.recv() => match msg {
+//!                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
 //!                     Some(Ok(msg)) => { let _ = socket.send(msg).await; }
-//!                     _ => return,
 //!                 },
-//!                 () = draining.moment() => {
-//!                     // 1012: Service Restart. Browsers and clients reconnect.
-//!                     let close = CloseFrame { code: 1012, reason: "restarting".into() };
-//!                     let _ = socket.send(Message::Close(Some(close))).await;
-//!                     return;
-//!                 }
+//!                 () = draining.moment() => break,
 //!             }
+//!         }
+//!         // 1012: Service Restart. The client reconnects, to the new generation.
+//!         let close = CloseFrame { code: 1012, reason: "service restart".into() };
+//!         let _ = socket.send(Message::Close(Some(close))).await;
+//!         // Its close answers ours; then the connection is done.
+//!         while let Some(Ok(msg)) = socket.recv().await {
+//!             if let Message::Close(_) = msg { break }
 //!         }
 //!     })
 //! }
 //! # let _ = Router::<()>::new().route("/ws", get(ws));
 //! ```
 //!
-//! For server-sent events, end the stream at the moment; `EventSource` reconnects by
-//! itself, sending `Last-Event-ID`, from which the new generation resumes. A tonic
-//! streaming handler ends its stream the same way; gRPC clients should enable retries
-//! for calls refused by GOAWAY.
+//! # Server-sent events
+//!
+//! End the stream at the moment. `EventSource` reconnects by itself (after the `retry`
+//! the stream set) and sends the id of the last event it received as `Last-Event-ID`;
+//! the new generation resumes after it, so no event is lost. Events must be read from
+//! where they are kept (a log, a database, a broker), not from one process's memory:
+//!
+//! ```no_run
+//! use std::{convert::Infallible, time::Duration};
+//! use axum::{Router, http::HeaderMap, response::sse::{Event, Sse}, routing::get};
+//! use futures_util::Stream;
+//!
+//! /// Event `n` of the application's log (here, a function of `n`).
+//! async fn event(n: u64) -> Event {
+//!     tokio::time::sleep(Duration::from_millis(100)).await;
+//!     Event::default().id(n.to_string()).data(format!("event {n}"))
+//! }
+//!
+//! async fn events(
+//!     headers: HeaderMap,
+//!     draining: reborn::Draining,
+//! ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+//!     let last: u64 = headers
+//!         .get("last-event-id")
+//!         .and_then(|v| v.to_str().ok()?.parse().ok())
+//!         .unwrap_or(0);
+//!     let stream = futures_util::stream::unfold((last + 1, draining), |(n, draining)| async move {
+//!         tokio::select! {
+//!             biased;
+//!             // The connection's moment: end the stream; the client resumes elsewhere.
+//!             () = draining.moment() => None,
+//!             event = event(n) => Some((Ok(event.retry(Duration::from_millis(100))), (n + 1, draining))),
+//!         }
+//!     });
+//!     Sse::new(stream)
+//! }
+//! # let _ = Router::<()>::new().route("/events", get(events));
+//! ```
+//!
+//! # gRPC (tonic)
+//!
+//! tonic services run on [`serve`](crate::Reborn::serve) unchanged, and each HTTP/2
+//! connection gets GOAWAY at the drain. A streaming handler reads the handle from its
+//! request, `request.extensions().get::<reborn::Draining>()`, and ends its stream at the
+//! moment, for instance with `Status::unavailable`, after which the client calls again
+//! and resumes (the `grpc` example does, with a test). Clients should retry calls that
+//! GOAWAY refused: they never reached a handler, and tonic does not retry them itself
+//! (see [`crate::retry`]).
+//!
+//! # Servers with their own accept loop
+//!
+//! [`Reborn::draining`](crate::Reborn::draining) gives each connection accepted by hand
+//! its handle, with its own moment in the same window (the `raw_tcp` example).
 
 use std::sync::Arc;
 use std::time::Duration;

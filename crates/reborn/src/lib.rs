@@ -105,9 +105,17 @@
 //! answers the next request on each connection with `Connection: close` and closes a
 //! connection only after it stayed idle for a grace period ([`Builder::idle_grace`]);
 //! HTTP/2 connections get a graceful GOAWAY. A client halfway through sending its next
-//! request when the grace ends is not idle, and is answered. A connection that switched
-//! protocols (a WebSocket) keeps the old generation until it closes, or until the drain
-//! deadline cuts it. See [`drain`].
+//! request when the grace ends is not idle, and is answered. See [`drain`].
+//!
+//! # WebSockets, event streams, gRPC streams
+//!
+//! A connection that switched protocols (a WebSocket) or carries a long stream is the
+//! application's to end. Each gets its own moment to leave, spread over an eviction
+//! window so that thousands of clients do not reconnect at once; the handler learns it
+//! from the [`Draining`] handle in its request (an axum extractor), sends `1012 Service
+//! Restart` or ends its stream, and the client reconnects to the new generation. The old
+//! generation stays until they are gone, or until the drain deadline closes what is
+//! left, WebSockets with a close frame. See [`draining`]; gRPC clients, see [`retry`].
 //!
 //! # What cannot hold a process forever
 //!
@@ -136,6 +144,7 @@ pub mod notify;
 pub mod peer;
 mod probation;
 mod readiness;
+pub mod retry;
 mod serve;
 mod server;
 pub mod signals;
