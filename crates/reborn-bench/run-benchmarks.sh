@@ -64,6 +64,15 @@ for path in self master; do
     run "idle-$path" idle --path "$path" --connections 10000 --idle-grace-ms 1000
 done
 
+# 10,000 WebSocket clients through 3 upgrades under paced HTTP load (8 keep-alive
+# clients, 2,000 req/s): each must get 1012 at its moment in a 2 s eviction window and
+# reconnect to the new generation; probation 1 s, so the window decides when the old
+# generation may go.
+for path in self master; do
+    run "websocket-$path" websocket --path "$path" --clients 10000 --upgrades 3 \
+        --window-ms 2000 --probation-ms 1000
+done
+
 # The master's memory over 1,000 upgrades in quick succession (light load, no slow
 # requests): its RSS at the start and at the end.
 run "master-memory-1000" restart --path master --mode newconn -c 2 --rate 500 \

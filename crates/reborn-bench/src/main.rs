@@ -14,6 +14,7 @@ mod scenario;
 mod stats;
 mod steady;
 mod sys;
+mod websocket;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -38,14 +39,17 @@ use crate::restart::{RestartPath, TargetOpts};
         steady:  the same handler served by reborn's serve and by plain axum::serve, same \
         load, throughput and latency as a ratio.\n\
         idle:    many idle keep-alive connections on the old generation; check each is \
-        closed cleanly within the idle grace + 1 s of an upgrade.\n\n\
+        closed cleanly within the idle grace + 1 s of an upgrade.\n\
+        websocket: many WebSocket clients through upgrades under load; each must get close \
+        code 1012 at its moment in the eviction window and reconnect to the new generation.\n\n\
         Every run is bounded in time and count, and talks to loopback only.",
     after_help = "Examples:\n  \
         reborn-bench restart --path self --mode keepalive -c 64 --restarts 100 --interval-ms 250 --json self-ka.json\n  \
         reborn-bench restart --path stop-start --mode newconn --restarts 20\n  \
         reborn-bench restart --path self --url http://127.0.0.1:8080/ping --pid-file /run/app.pid\n  \
         reborn-bench steady --duration-s 10 --rounds 3\n  \
-        reborn-bench idle --connections 10000 --path master"
+        reborn-bench idle --connections 10000 --path master\n  \
+        reborn-bench websocket --clients 10000 --upgrades 1 --window-ms 2000"
 )]
 struct Cli {
     /// Keep the servers' logs, PID files and control sockets in this directory
@@ -66,6 +70,45 @@ enum Cmd {
     Idle(IdleArgs),
     /// A new version that crashes after it reported ready: lost, refused, time to recover.
     BadDeploy(BadDeployArgs),
+    /// WebSocket clients through upgrades: 1012 at each one's moment, abnormal closes,
+    /// reconnect times, the spread of reconnects.
+    Websocket(WebSocketArgs),
+}
+
+#[derive(Debug, Args)]
+struct WebSocketArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// How to upgrade: self or master.
+    #[arg(long, value_enum, default_value = "self")]
+    path: RestartPath,
+    /// WebSocket clients connected to `/ws`.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    clients: u64,
+    /// Upgrades.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    upgrades: u64,
+    /// The server's eviction window (ms): passed as --eviction-window-ms.
+    #[arg(long, value_name = "MS", default_value_t = 2_000)]
+    window_ms: u64,
+    /// The probation of each new generation (ms), during which the old one stays even
+    /// once drained (passed as --probation-ms): the old generation is gone by the later of
+    /// the window and the probation, plus a grace of 2 s.
+    #[arg(long, value_name = "MS", default_value_t = 3_000)]
+    probation_ms: u64,
+    /// HTTP/1.1 keep-alive clients loading `/ping` throughout (0: none).
+    #[arg(long, default_value_t = 8)]
+    load: u64,
+    /// Pace the HTTP load to this many requests per second in total (0: closed loop,
+    /// which takes every CPU the WebSocket clients and the server leave).
+    #[arg(long, value_name = "REQ/S", default_value_t = 2000.0)]
+    rate: f64,
+    /// Pause after every client is back, before the next upgrade (ms).
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    interval_ms: u64,
+    /// Write the report as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -363,6 +406,28 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
                 probation: Duration::from_millis(a.probation_ms),
             };
             let (report, text) = baddeploy::run(cfg).await?;
+            print!("{text}");
+            write_json(a.json.as_deref(), &report)?;
+        }
+        Cmd::Websocket(a) => {
+            if a.path == RestartPath::StopStart {
+                return Err("websocket measures the self and master paths".into());
+            }
+            let extra = vec![
+                format!("--eviction-window-ms={}", a.window_ms),
+                format!("--probation-ms={}", a.probation_ms),
+            ];
+            let cfg = websocket::WebSocketRun {
+                target: target_opts(&a.server, a.path, dir, extra)?,
+                clients: a.clients as usize,
+                upgrades: a.upgrades as usize,
+                window: Duration::from_millis(a.window_ms),
+                probation: Duration::from_millis(a.probation_ms),
+                load: a.load as usize,
+                rate: a.rate.max(0.0),
+                interval: Duration::from_millis(a.interval_ms),
+            };
+            let (report, text) = websocket::run(cfg).await?;
             print!("{text}");
             write_json(a.json.as_deref(), &report)?;
         }

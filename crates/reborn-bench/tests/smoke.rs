@@ -157,7 +157,41 @@ fn help_describes_the_subcommands() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    for word in ["restart", "steady", "idle"] {
+    for word in ["restart", "steady", "idle", "websocket"] {
         assert!(text.contains(word), "{text}");
     }
+}
+
+#[test]
+fn websocket_clients_get_1012_and_reconnect_to_the_new_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("ws.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_reborn-bench"))
+        .args(["websocket", "--server", env!("CARGO_BIN_EXE_bench-server")])
+        .args(["--clients", "100", "--upgrades", "2", "--window-ms", "500"])
+        .args(["--probation-ms", "200", "--load", "2", "--rate", "200"])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("reborn-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let upgrades = report["upgrades"].as_array().expect("per-upgrade results");
+    assert_eq!(upgrades.len(), 2, "{stdout}");
+    for u in upgrades {
+        assert_eq!(u["closes_1012"], 100, "{stdout}");
+        assert_eq!(u["abnormal"], 0, "{stdout}");
+        assert_eq!(u["reconnected"], 100, "{stdout}");
+        // Spread over the window, not all at once.
+        let spread = &u["close_ms_after_commit"];
+        let span = spread["max_ms"].as_f64().unwrap() - spread["min_ms"].as_f64().unwrap();
+        assert!(span >= 250.0, "closes spread over {span} ms: {stdout}");
+    }
+    assert_eq!(report["pass"], true, "{stdout}");
 }

@@ -5,7 +5,10 @@
 //! ```
 //!
 //! `GET /ping` answers at once with `pong <build-id> pid=<pid>`; `GET /ping?sleep_ms=N`
-//! answers the same after N ms. The build-id is the xxh3-64 digest of the process's own
+//! answers the same after N ms. `GET /ws` is a WebSocket that says `hello pid=<pid>`,
+//! echoes what it is sent, and at its connection's moment to leave
+//! ([`reborn::Draining`], spread over `--eviction-window-ms`) sends close code 1012
+//! and waits for the client's close. The build-id is the xxh3-64 digest of the process's own
 //! executable (`/proc/self/exe`, the inode it was started from), so a rebuilt or replaced
 //! binary answers differently.
 //!
@@ -33,6 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::routing::get;
 use serde::Deserialize;
@@ -76,6 +80,10 @@ struct Args {
     /// See --crash-after-ready-ms.
     #[arg(long, value_name = "FILE")]
     crash_flag: Option<PathBuf>,
+    /// The window over which long-lived connections (`/ws`) are told to leave (ms)
+    /// [default: a tenth of the drain timeout].
+    #[arg(long, value_name = "MS")]
+    eviction_window_ms: Option<u64>,
 }
 
 /// `?sleep_ms=N`.
@@ -108,6 +116,57 @@ async fn ping(State(state): State<Arc<AppState>>, Query(q): Query<PingQuery>) ->
         }
     };
     format!("pong {id} pid={}", state.pid)
+}
+
+/// `GET /ws`: `hello pid=<pid>`, then an echo, until the connection's moment to leave.
+async fn websocket(
+    State(state): State<Arc<AppState>>,
+    extensions: axum::http::Extensions,
+    upgrade: WebSocketUpgrade,
+) -> axum::response::Response {
+    // Absent under --plain-axum: that mode never drains.
+    let draining = extensions.get::<reborn::Draining>().cloned();
+    let pid = state.pid;
+    upgrade.on_upgrade(move |mut socket| async move {
+        let hello = format!("hello pid={pid}");
+        if socket.send(Message::Text(hello.into())).await.is_err() {
+            return;
+        }
+        let moment = async {
+            match &draining {
+                Some(d) => d.moment().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(moment);
+        loop {
+            tokio::select! {
+                msg = socket.recv() => match msg {
+                    Some(Ok(Message::Text(t))) => {
+                        if socket.send(Message::Text(t)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                    Some(Ok(_)) => {}
+                },
+                () = &mut moment => break,
+            }
+        }
+        let close = CloseFrame {
+            code: 1012,
+            reason: "service restart".into(),
+        };
+        if socket.send(Message::Close(Some(close))).await.is_err() {
+            return;
+        }
+        // The client's close answers ours; one that never answers is cut by the hammer.
+        while let Some(Ok(msg)) = socket.recv().await {
+            if let Message::Close(_) = msg {
+                break;
+            }
+        }
+    })
 }
 
 /// Hashes the executable this process runs (`/proc/self/exe` is the inode it started
@@ -209,7 +268,10 @@ fn unix_us() -> u128 {
 
 /// The router both modes serve.
 fn router(state: Arc<AppState>) -> Router {
-    Router::new().route("/ping", get(ping)).with_state(state)
+    Router::new()
+        .route("/ping", get(ping))
+        .route("/ws", get(websocket))
+        .with_state(state)
 }
 
 fn main() -> std::process::ExitCode {
@@ -325,6 +387,9 @@ fn run_reborn(
         .drain_timeout(Duration::from_millis(args.drain_timeout_ms));
     if let Some(path) = &args.pid_file {
         builder = builder.pid_file(path);
+    }
+    if let Some(ms) = args.eviction_window_ms {
+        builder = builder.eviction_window(Duration::from_millis(ms));
     }
     if let Some(ms) = args.probation_ms {
         builder = builder.probation(Duration::from_millis(ms));
