@@ -197,28 +197,34 @@ fn unix_and_tcp_listeners_are_both_handed_on() {
 }
 
 /// A server with its own accept loop (raw listener, manual readiness) is upgraded too.
-#[test]
-fn a_raw_accept_loop_server_is_upgraded() {
-    use std::io::{BufRead, BufReader, Write};
-    let dir = tempfile::tempdir().unwrap();
-    let bin = reborn_testkit::copy_to(
-        &reborn_testkit::example("reborn", "raw_tcp"),
-        dir.path(),
-        "server",
-    );
+/// The raw_tcp example, copied into `dir` (an upgrade runs the file again), started with
+/// `args`; and the address it listens on.
+fn raw_tcp(dir: &std::path::Path, args: &[&str]) -> (Proc, std::net::SocketAddr) {
+    let bin = reborn_testkit::copy_to(&reborn_testkit::example("reborn", "raw_tcp"), dir, "server");
     let mut cmd = Command::new(&bin);
-    cmd.arg("127.0.0.1:0");
-    let mut proc = Proc::start(cmd);
-    let addr: std::net::SocketAddr = proc.wait_line("the address", |l| {
+    cmd.args(args);
+    let proc = Proc::start(cmd);
+    let addr = proc.wait_line("the address", |l| {
         l.strip_prefix("listening on ")?.parse().ok()
     });
-    let ask = |line: &str| -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.write_all(format!("{line}\n").as_bytes())?;
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer)?;
-        Ok(answer)
-    };
+    (proc, addr)
+}
+
+/// Sends `line` to raw_tcp on a new connection and reads the answer.
+fn ask_raw(addr: std::net::SocketAddr, line: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    Ok(answer)
+}
+
+#[test]
+fn a_raw_accept_loop_server_is_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut proc, addr) = raw_tcp(dir.path(), &["127.0.0.1:0"]);
+    let ask = |line: &str| ask_raw(addr, line);
     let first = proc.pid();
     assert_eq!(ask("hello").unwrap(), format!("hello pid={first}\n"));
     signal(first, libc::SIGHUP);
@@ -245,17 +251,8 @@ fn a_raw_accept_loop_server_lets_each_connection_go_at_its_own_moment() {
     const CLIENTS: usize = 20;
     const WINDOW: Duration = Duration::from_millis(1000);
     let dir = tempfile::tempdir().unwrap();
-    let bin = reborn_testkit::copy_to(
-        &reborn_testkit::example("reborn", "raw_tcp"),
-        dir.path(),
-        "server",
-    );
-    let mut cmd = Command::new(&bin);
-    cmd.args(["127.0.0.1:0", &WINDOW.as_millis().to_string()]);
-    let mut proc = Proc::start(cmd);
-    let addr: std::net::SocketAddr = proc.wait_line("the address", |l| {
-        l.strip_prefix("listening on ")?.parse().ok()
-    });
+    let window = WINDOW.as_millis().to_string();
+    let (mut proc, addr) = raw_tcp(dir.path(), &["127.0.0.1:0", &window]);
     let first = proc.pid();
     // Connected and answered by the first generation, then idle.
     let clients: Vec<_> = (0..CLIENTS)
@@ -299,11 +296,13 @@ fn a_raw_accept_loop_server_lets_each_connection_go_at_its_own_moment() {
     );
     assert_eq!(proc.wait_exit(PATIENCE), Some(0));
     let second = wait_for("the new generation", PATIENCE, || {
-        let mut s = std::net::TcpStream::connect(addr).ok()?;
-        s.write_all(b"hi\n").ok()?;
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer).ok()?;
-        answer.trim().rsplit_once("pid=")?.1.parse::<u32>().ok()
+        ask_raw(addr, "hi")
+            .ok()?
+            .trim()
+            .rsplit_once("pid=")?
+            .1
+            .parse::<u32>()
+            .ok()
     });
     assert_ne!(second, first);
     signal(second, libc::SIGTERM);

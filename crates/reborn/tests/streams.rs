@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -263,27 +263,31 @@ fn two_hundred_websockets_through_ten_upgrades_close_with_1012_and_reconnect_to_
 
 /// Opens a WebSocket by hand (so that it can ignore the protocol) and reads the `101`.
 fn raw_websocket(addr: SocketAddr, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(PATIENCE)).expect("timeout");
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    s.write_all(request.as_bytes())
-        .expect("the upgrade request");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            s.read(&mut byte).expect("the 101 head"),
-            1,
-            "closed before the head"
-        );
-        head.push(byte[0]);
+    common::upgrade(
+        addr,
+        path,
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+    )
+}
+
+/// The close frame the server sends next (other messages are skipped), within PATIENCE.
+async fn next_close<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+) -> Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("a close before the patience ends")
+        {
+            Some(Ok(Message::Close(frame))) => return frame,
+            Some(Ok(_)) => {}
+            other => panic!("a close frame, not {other:?}"),
+        }
     }
-    let head = String::from_utf8_lossy(&head).to_string();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s
 }
 
 /// The frames (opcode, payload) a server sends until it closes the connection.
@@ -364,18 +368,7 @@ fn the_hammer_sends_a_close_frame_to_a_websocket_whose_handler_ignores_the_momen
     server.deploy_variant("v2");
     signal(old, libc::SIGHUP);
     let new = server.wait_new_pid(old);
-    let close = rt.block_on(async {
-        loop {
-            match tokio::time::timeout(PATIENCE, ws.next())
-                .await
-                .expect("a close before the patience ends")
-            {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => {}
-                other => panic!("a close frame, not {other:?}"),
-            }
-        }
-    });
+    let close = rt.block_on(next_close(&mut ws));
     assert_eq!(close.map(|f| f.code), Some(CloseCode::Restart));
     server.proc.assert_exits_with(0);
 
@@ -394,18 +387,7 @@ fn the_hammer_sends_a_close_frame_to_a_websocket_whose_handler_ignores_the_momen
         }
     });
     signal(new, libc::SIGTERM);
-    let close = rt.block_on(async {
-        loop {
-            match tokio::time::timeout(PATIENCE, ws.next())
-                .await
-                .expect("a close before the patience ends")
-            {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => {}
-                other => panic!("a close frame, not {other:?}"),
-            }
-        }
-    });
+    let close = rt.block_on(next_close(&mut ws));
     assert_eq!(close.map(|f| f.code), Some(CloseCode::Away));
     wait_gone(&mut server, new);
 }

@@ -7,7 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use reborn_testkit::{PATIENCE, alive, signal};
+use reborn_testkit::{alive, signal};
 
 /// Opens a connection to `/upgrade-echo` and reads the `101` head.
 fn upgraded(addr: std::net::SocketAddr) -> TcpStream {
@@ -16,25 +16,7 @@ fn upgraded(addr: std::net::SocketAddr) -> TcpStream {
 
 /// Opens a connection to `path` (an `/upgrade-echo`) and reads the `101` head.
 fn upgraded_at(addr: std::net::SocketAddr, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(PATIENCE)).expect("timeout");
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n");
-    s.write_all(request.as_bytes())
-        .expect("the upgrade request");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            s.read(&mut byte).expect("the 101 head"),
-            1,
-            "closed before the head"
-        );
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_string();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s
+    common::upgrade(addr, path, "Upgrade: echo\r\n")
 }
 
 /// Sends `text` and reads it back.

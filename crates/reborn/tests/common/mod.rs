@@ -150,3 +150,29 @@ pub fn body_digest(body: &str) -> Option<&str> {
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// Sends an HTTP/1.1 upgrade request for `path` with the protocol's own `headers` (each
+/// ending in CRLF) and reads the head of the answer, which must be `101`: the stream is
+/// then the upgraded connection, read timeout set.
+#[allow(dead_code)]
+pub fn upgrade(addr: SocketAddr, path: &str, headers: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n{headers}\r\n");
+    s.write_all(request.as_bytes())
+        .expect("the upgrade request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut byte).expect("the 101 head"),
+            1,
+            "closed before the head"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s
+}
