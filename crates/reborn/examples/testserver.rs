@@ -180,12 +180,16 @@ fn main() {
         block_listeners_and_exit();
     }
     reborn::init();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(false)
-        .init();
+    // TESTSERVER_NO_SUBSCRIBER: no logging set up, as in the README's one-liner.
+    if std::env::var_os("TESTSERVER_NO_SUBSCRIBER").is_none() {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .with_ansi(false)
+            .init();
+    }
     if let Err(e) = run(me) {
         esay!("testserver: {e}");
         std::process::exit(1);

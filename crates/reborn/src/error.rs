@@ -2,12 +2,25 @@
 //!
 //! Every message names the thing at fault (the address, the variable, the file) so that a
 //! log line alone is enough to act on.
+//!
+//! `Debug` prints the same message as `Display`, because `fn main() -> Result<(),
+//! reborn::Error>` reports an error with `Debug`: a person starting the program reads
+//! `Error: cannot listen on 127.0.0.1:8080: the address is already in use; …`, not a
+//! struct. `{:#?}` shows the variant and its fields, for a developer.
 
 use std::io;
 use std::path::PathBuf;
 
 /// What can go wrong while setting up or running a server with reborn.
-#[derive(Debug, thiserror::Error)]
+///
+/// Returned from `main`, it prints its message:
+///
+/// ```
+/// let e = reborn::Error::AddrInUse { addr: "127.0.0.1:8080".into() };
+/// assert!(format!("{e:?}").starts_with("cannot listen on 127.0.0.1:8080: the address is already in use;"));
+/// assert!(format!("{e:#?}").starts_with("AddrInUse {"));
+/// ```
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The application's readiness check failed
@@ -117,6 +130,65 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// The message, as `Display` writes it; `{:#?}`: the variant and its fields.
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !f.alternate() {
+            return std::fmt::Display::fmt(self, f);
+        }
+        match self {
+            Error::ReadyCheck { message } => f
+                .debug_struct("ReadyCheck")
+                .field("message", message)
+                .finish(),
+            Error::UnclaimedListeners { listeners } => f
+                .debug_struct("UnclaimedListeners")
+                .field("listeners", listeners)
+                .finish(),
+            Error::BadAddress { addr, reason } => f
+                .debug_struct("BadAddress")
+                .field("addr", addr)
+                .field("reason", reason)
+                .finish(),
+            Error::AddrInUse { addr } => f.debug_struct("AddrInUse").field("addr", addr).finish(),
+            Error::PermissionDenied { addr } => f
+                .debug_struct("PermissionDenied")
+                .field("addr", addr)
+                .finish(),
+            Error::Listen { addr, source } => f
+                .debug_struct("Listen")
+                .field("addr", addr)
+                .field("source", source)
+                .finish(),
+            Error::InheritedMismatch {
+                name,
+                fd,
+                found,
+                wanted,
+            } => f
+                .debug_struct("InheritedMismatch")
+                .field("name", name)
+                .field("fd", fd)
+                .field("found", found)
+                .field("wanted", wanted)
+                .finish(),
+            Error::Activation(e) => f.debug_tuple("Activation").field(e).finish(),
+            Error::Upgrade(e) => f.debug_tuple("Upgrade").field(e).finish(),
+            Error::PidFile { path, source } => f
+                .debug_struct("PidFile")
+                .field("path", path)
+                .field("source", source)
+                .finish(),
+            Error::Runtime(e) => f.debug_tuple("Runtime").field(e).finish(),
+            Error::Io { what, source } => f
+                .debug_struct("Io")
+                .field("what", what)
+                .field("source", source)
+                .finish(),
+        }
+    }
 }
 
 impl Error {

@@ -15,11 +15,34 @@
 //! ```no_run
 //! use axum::{Router, routing::get};
 //!
+//! #[tokio::main]
+//! async fn main() -> Result<(), reborn::Error> {
+//!     let app = Router::new().route("/ping", get(|| async { "pong" }));
+//!     reborn::serve("0.0.0.0:8080", app).await
+//! }
+//! ```
+//!
+//! Or, without `#[tokio::main]`, [`listen_and_serve`] starts the runtime itself:
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//!
 //! fn main() -> Result<(), reborn::Error> {
 //!     let app = Router::new().route("/ping", get(|| async { "pong" }));
 //!     reborn::listen_and_serve("0.0.0.0:8080", app)
 //! }
 //! ```
+//!
+//! The two are equally correct. The only difference: `listen_and_serve` calls [`init`]
+//! while the process is single-threaded, which also removes `LISTEN_FDS` and the other
+//! variables it consumed from the process's environment; under `#[tokio::main]` they
+//! stay there (removing them from a multi-threaded process is not sound). Nothing reborn
+//! does depends on that: it hands the next generation an environment of its own making,
+//! and a child process the application starts ignores `LISTEN_FDS`, since `LISTEN_PID`
+//! names another process. (`NOTIFY_SOCKET` stays visible to such children, as in any
+//! systemd service that does not unset it; an application that starts children which
+//! themselves notify systemd calls [`init`] first thing in `main`.) Returned from `main`, an [`Error`] prints its message
+//! (`Error: cannot listen on 0.0.0.0:8080: the address is already in use; …`).
 //!
 //! Then, with the server running:
 //!
@@ -39,7 +62,7 @@
 //! use axum::{Router, routing::get};
 //!
 //! fn main() -> Result<(), reborn::Error> {
-//!     reborn::init(); // first thing: take LISTEN_FDS & co. while single-threaded
+//!     reborn::init(); // optional: also removes LISTEN_FDS & co. from the environment
 //!     let reborn = reborn::Reborn::builder()
 //!         .drain_timeout(Duration::from_secs(30))
 //!         .pid_file("/run/app.pid")
@@ -170,12 +193,16 @@ static EARLY: Mutex<Option<Result<ProcessEnv, ActivationError>>> = Mutex::new(No
 static PROCESS: std::sync::OnceLock<server::ProcessInfo> = std::sync::OnceLock::new();
 
 /// Takes what the process was started with — inherited sockets, `NOTIFY_SOCKET`, the
-/// program's path, arguments, environment and working directory — while the process is
-/// still single-threaded, so the socket-activation variables can be removed from the
-/// environment soundly. Call it first thing in `main`, before a tokio runtime starts.
+/// program's path, arguments, environment and working directory — and, while the process
+/// is still single-threaded, removes the socket-activation variables from its
+/// environment (only then is that sound). For that, call it first thing in `main`,
+/// before a runtime starts; [`listen_and_serve`] does.
 ///
-/// Optional: [`Reborn::builder`] does the same later, but then leaves the variables in a
-/// multi-threaded process's environment (it never hands them on itself).
+/// Optional: [`Reborn::builder`] takes the same later, from any thread, and only leaves
+/// the variables in the environment, which is harmless: reborn never hands them on
+/// (each generation gets an environment of reborn's making), and a child the application
+/// starts ignores `LISTEN_FDS`, as `LISTEN_PID` names another process (see the crate
+/// documentation for `NOTIFY_SOCKET`).
 pub fn init() {
     process_info();
     let mut early = EARLY.lock().unwrap_or_else(|e| e.into_inner());

@@ -115,7 +115,7 @@ impl Hooks {
                         .map(|s| s.to_string())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "a panic".into());
-                    tracing::error!(%signal, "a {signal} hook panicked: {what}");
+                    crate::log::error!("a {signal} hook panicked: {what}");
                 }
             }
         }

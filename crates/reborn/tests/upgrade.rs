@@ -170,6 +170,48 @@ fn rollback_when_the_binary_is_missing() {
     assert_rolls_back(&server, "is gone");
 }
 
+/// With no logging set up (the README's one-liner), a failed upgrade still says why, on
+/// stderr, once; with a subscriber, it says so there and only there.
+#[test]
+fn a_failed_upgrade_is_reported_on_stderr_once_with_or_without_a_subscriber() {
+    for subscriber in [false, true] {
+        let env: &[(&str, &str)] = if subscriber {
+            &[]
+        } else {
+            &[("TESTSERVER_NO_SUBSCRIBER", "1")]
+        };
+        let mut server = Server::start_env(env, &[]);
+        let old = server.proc.pid();
+        std::fs::remove_file(&server.bin).unwrap();
+        signal(old, libc::SIGHUP);
+        let line = server.proc.wait_line("the failed upgrade", |l| {
+            l.contains("upgrade failed").then(|| l.to_owned())
+        });
+        // The report is complete once the process serves again; give a second copy, if
+        // any, the time a request takes to come.
+        assert_eq!(body_pid(&server.get("/whoami").body), Some(old));
+        let output = server.proc.output();
+        let reports = output
+            .lines()
+            .filter(|l| l.contains("upgrade failed"))
+            .count();
+        assert_eq!(reports, 1, "one report of the failure:\n{output}");
+        if subscriber {
+            assert!(
+                line.contains("ERROR") && !line.starts_with("reborn: "),
+                "{line}"
+            );
+        } else {
+            assert!(
+                line.starts_with("reborn: error: upgrade failed: "),
+                "{line}"
+            );
+            assert!(line.contains("is gone"), "it says why: {line}");
+        }
+        server.stop_current();
+    }
+}
+
 #[test]
 fn rollback_when_the_binary_is_not_executable() {
     use std::os::unix::fs::PermissionsExt;

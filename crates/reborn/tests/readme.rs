@@ -1,0 +1,212 @@
+//! The README, as a newcomer follows it: the demo's walkthrough step by step and in its
+//! order, on the binary cargo writes, and the message a port in use gets.
+//!
+//! The walkthrough edits the demo's source and rebuilds it, as the reader does. So as
+//! not to touch this repository while other tests run, it does so in a copy of the
+//! `reborn` package (its own workspace, the same `Cargo.lock`), built into the same
+//! target directory, which shares every compiled dependency. The copy's example is
+//! named `ping-walkthrough`, so that its binary does not replace the real `ping`.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use reborn_testkit::{PATIENCE, Proc, alive, signal, wait_for};
+
+const EXAMPLE: &str = "ping-walkthrough";
+
+/// Copies `from` into `to`, recursively.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A workspace of its own holding a copy of the `reborn` package with only the demo as
+/// an example; returns its directory and the demo's source.
+fn copy_of_the_package(dir: &Path) -> (PathBuf, PathBuf) {
+    let package = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = package.join("../..");
+    let testkit = root.join("crates/reborn-testkit").canonicalize().unwrap();
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let mut workspace = String::new();
+    for line in manifest.lines() {
+        let line = if line.starts_with("members = ") {
+            "members = [\"reborn\"]".to_owned()
+        } else if line.starts_with("reborn = { path = ") {
+            "reborn = { path = \"reborn\" }".to_owned()
+        } else if line.starts_with("reborn-testkit = { path = ") {
+            format!(
+                "reborn-testkit = {{ path = {:?} }}",
+                testkit.display().to_string()
+            )
+        } else if line.starts_with("exclude = ") || line.starts_with("[profile.release.package.") {
+            // Neither the fuzz workspace nor the CLI's profile is here.
+            "# (not in this copy)".to_owned()
+        } else if line.starts_with("opt-level = \"s\"") {
+            "# (not in this copy)".to_owned()
+        } else {
+            line.to_owned()
+        };
+        workspace.push_str(&line);
+        workspace.push('\n');
+    }
+    let ws = dir.join("ws");
+    std::fs::create_dir_all(ws.join("reborn/examples")).unwrap();
+    std::fs::write(ws.join("Cargo.toml"), workspace).unwrap();
+    std::fs::copy(root.join("Cargo.lock"), ws.join("Cargo.lock")).unwrap();
+    std::fs::copy(package.join("Cargo.toml"), ws.join("reborn/Cargo.toml")).unwrap();
+    copy_tree(&package.join("src"), &ws.join("reborn/src"));
+    let source = ws.join(format!("reborn/examples/{EXAMPLE}.rs"));
+    std::fs::copy(package.join("examples/ping.rs"), &source).unwrap();
+    (ws, source)
+}
+
+/// `cargo build --example ping-walkthrough` in the copy, into the shared target directory;
+/// returns the binary cargo writes.
+fn cargo_build(ws: &Path) -> PathBuf {
+    let profile = reborn_testkit::target_dir();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--quiet", "--offline", "--example", EXAMPLE])
+        .current_dir(ws)
+        .env("CARGO_TARGET_DIR", profile.parent().unwrap())
+        .output()
+        .expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "cargo build --example {EXAMPLE} in the copy failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    profile.join("examples").join(EXAMPLE)
+}
+
+/// The line without its terminal colours.
+fn plain(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The sockets a process holds: its listener, plus one per accepted connection.
+fn sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l.to_string_lossy().starts_with("socket:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_demo_walkthrough_works_as_the_readme_says_in_its_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ws, source) = copy_of_the_package(dir.path());
+    let bin = cargo_build(&ws);
+
+    // 1. Start the server: it prints its PID, then says it is ready.
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--addr", "127.0.0.1:0"]);
+    let mut old = Proc::start(cmd);
+    let pid: u32 = old.wait_line("the [pid] line", |l| l.strip_prefix("[pid] ")?.parse().ok());
+    assert_eq!(pid, old.pid());
+    let addr: SocketAddr = old.wait_line("the ready line", |l| {
+        let l = plain(l);
+        let (_, rest) = l.split_once("ready: serving on ")?;
+        rest.split_whitespace().next()?.parse().ok()
+    });
+
+    // 2. Change "pong" to "pong1" in the example's source, and rebuild.
+    let code = std::fs::read_to_string(&source).unwrap();
+    assert!(code.contains("\"pong\""), "the demo answers \"pong\"");
+    std::fs::write(&source, code.replace("\"pong\"", "\"pong1\"")).unwrap();
+    assert_eq!(cargo_build(&ws), bin);
+
+    // 3. A slow request, accepted by the running process.
+    let before = sockets(pid);
+    let pending = std::thread::spawn(move || reborn_testkit::get(addr, "/ping"));
+    wait_for("the old process to accept the request", PATIENCE, || {
+        (sockets(pid) > before).then_some(())
+    });
+    let sent = Instant::now();
+
+    // 4. Within its 5 seconds: kill -HUP <pid>.
+    signal(pid, libc::SIGHUP);
+    let new: u32 = old.wait_line("the new process's [pid] line", |l| {
+        l.strip_prefix("[pid] ")?.parse().ok().filter(|p| *p != pid)
+    });
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "the upgrade came within the request's 5 seconds"
+    );
+
+    // 5. The pending request: the old answer. The next: the new one.
+    let answer = pending
+        .join()
+        .unwrap()
+        .expect("the pending request is answered");
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (200, r#"{"message":"pong"}"#)
+    );
+    let next = reborn_testkit::get(addr, "/ping").expect("the next request");
+    assert_eq!(
+        (next.status, next.body.as_str()),
+        (200, r#"{"message":"pong1"}"#)
+    );
+
+    // 6. The old process exits once drained (cargo run would return to the prompt); the
+    // new one serves on, and stops by its PID.
+    assert_eq!(old.wait_exit(PATIENCE), Some(0), "{}", old.output());
+    assert!(
+        alive(new),
+        "the new process serves on after the old one exited"
+    );
+    signal(new, libc::SIGTERM);
+    wait_for("the new process to stop", PATIENCE, || {
+        (!alive(new)).then_some(())
+    });
+}
+
+#[test]
+fn a_port_in_use_gets_the_message_not_a_struct() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let out = Command::new(reborn_testkit::example("reborn", "ping"))
+        .args(["--addr", &addr.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let mut stderr = String::new();
+    out.stderr.as_slice().read_to_string(&mut stderr).unwrap();
+    assert_eq!(
+        stderr,
+        format!(
+            "Error: cannot listen on {addr}: the address is already in use; another process \
+             listens there (see `ss -ltnp` for TCP, `ss -lxp` for Unix sockets), stop it or \
+             choose another address\n"
+        )
+    );
+    assert_eq!(out.status.code(), Some(1));
+}
