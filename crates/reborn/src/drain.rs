@@ -696,11 +696,11 @@ where
                 this._in_flight.0.websocket.store(true, Ordering::SeqCst);
             }
         }
-        if let (Ok(resp), Some(draining)) = (&mut res, *this.close_when_draining) {
-            if draining.load(Ordering::SeqCst) {
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
+        if let (Ok(resp), Some(draining)) = (&mut res, *this.close_when_draining)
+            && draining.load(Ordering::SeqCst)
+        {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         Poll::Ready(res)
     }

@@ -218,18 +218,18 @@ pub(crate) async fn upgrade(inner: &Arc<Inner>) -> Result<Upgraded, UpgradeError
         tell(m, &reloading.encode());
     }
     let result = spawn_and_wait(inner, &path, manager.as_deref(), started).await;
-    if let Err(e) = &result {
-        if let Some(m) = &manager {
-            // The new process may have told the manager it is the main process before it
-            // failed: this one is, still.
-            tell(
-                m,
-                &format!(
-                    "MAINPID={}\nREADY=1\nSTATUS=upgrade failed: {e}\n",
-                    std::process::id()
-                ),
-            );
-        }
+    if let Err(e) = &result
+        && let Some(m) = &manager
+    {
+        // The new process may have told the manager it is the main process before it
+        // failed: this one is, still.
+        tell(
+            m,
+            &format!(
+                "MAINPID={}\nREADY=1\nSTATUS=upgrade failed: {e}\n",
+                std::process::id()
+            ),
+        );
     }
     result
 }

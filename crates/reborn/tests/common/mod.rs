@@ -130,11 +130,12 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         // Later generations are not our children: stop them by PID.
-        if let Some(pid) = self.serving_pid() {
-            if pid != self.proc.pid() && alive(pid) {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
+        if let Some(pid) = self.serving_pid()
+            && pid != self.proc.pid()
+            && alive(pid)
+        {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
     }
 }
