@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod fleet;
+
 /// How long tests wait for things that should happen quickly, on a loaded 2-core machine.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -21,6 +23,11 @@ pub fn target_dir() -> PathBuf {
 
 static BUILT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
+/// The features the binaries are built with, as `cargo --features` takes them, when the
+/// tests themselves were (`scripts/test-portable` sets it to `reborn/portable`): a
+/// binary built without them would take another path than the tests think they test.
+pub const FEATURES_VAR: &str = "REBORN_TEST_FEATURES";
+
 /// Builds a target once per test process (cargo makes it a no-op when it is up to date),
 /// so that a filtered `cargo test --test x` never runs a stale binary.
 fn ensure_built(path: PathBuf, package: &str, kind: &str, name: &str) -> PathBuf {
@@ -29,6 +36,9 @@ fn ensure_built(path: PathBuf, package: &str, kind: &str, name: &str) -> PathBuf
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", package, kind, name]);
+        if let Some(features) = std::env::var_os(FEATURES_VAR).filter(|f| !f.is_empty()) {
+            cmd.arg("--features").arg(features);
+        }
         if target_dir().file_name() == Some("release".as_ref()) {
             cmd.arg("--release");
         }
@@ -59,15 +69,22 @@ pub fn example(package: &str, name: &str) -> PathBuf {
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
+    poll_until(timeout, check)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Polls `check` until it returns `Some`, or returns `None` after `timeout` (for a caller
+/// that says more when it times out, such as a process's output).
+pub fn poll_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(2);
     loop {
         if let Some(v) = check() {
-            return v;
+            return Some(v);
         }
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return None;
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(50));
@@ -144,6 +161,8 @@ pub struct Proc {
     /// The process.
     pub child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// How many of stdout and stderr have not reached their end yet.
+    open_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Proc {
@@ -166,10 +185,11 @@ impl Proc {
             }
         };
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let open_streams = Arc::new(std::sync::atomic::AtomicUsize::new(2));
         let out = child.stdout.take().expect("piped");
         let err = child.stderr.take().expect("piped");
         for stream in [Box::new(out) as Box<dyn Read + Send>, Box::new(err)] {
-            let lines = lines.clone();
+            let (lines, open_streams) = (lines.clone(), open_streams.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
@@ -178,9 +198,25 @@ impl Proc {
                     }
                     lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 }
+                open_streams.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
-        Proc { child, lines }
+        Proc {
+            child,
+            lines,
+            open_streams,
+        }
+    }
+
+    /// Waits, up to `timeout`, until everything the process (and whatever inherited its
+    /// stdout and stderr) printed has been read: both streams have reached their end.
+    /// Returns whether they have. A process that has exited may still have lines in its
+    /// pipes that [`output`](Self::output) does not hold yet.
+    pub fn wait_output_end(&self, timeout: Duration) -> bool {
+        poll_until(timeout, || {
+            (self.open_streams.load(std::sync::atomic::Ordering::SeqCst) == 0).then_some(())
+        })
+        .is_some()
     }
 
     /// The PID.
@@ -381,12 +417,15 @@ pub struct LoadReport {
     pub errors: Vec<String>,
     /// Distinct response bodies seen, in order of first appearance.
     pub bodies: Vec<String>,
+    /// Connections a keep-alive client opened after its first one (it reconnects only
+    /// after a `Connection: close` response or a failure).
+    pub reconnects: u64,
 }
 
 /// Continuous HTTP/1.1 load from client threads that never retry: some keep their
 /// connection alive (reconnecting only after a `Connection: close` response), some open
-/// a new connection per request. Every request is counted. Bounded: the clients stop by
-/// themselves after [`Load::LIMIT`] if nobody stops them.
+/// a new connection per request. Every request is counted. Bounded: the clients stop
+/// when the load is finished or dropped, and by themselves after [`Load::LIMIT`].
 pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -407,15 +446,21 @@ impl Load {
             let reuse = i < keep_alive;
             threads.push(std::thread::spawn(move || {
                 let mut conn: Option<Http1> = None;
+                let mut connected_before = false;
                 let deadline = Instant::now() + Load::LIMIT;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
                 {
+                    let reconnect = reuse && conn.is_none() && connected_before;
+                    connected_before = true;
                     let result = match conn.take() {
                         Some(mut c) => c.get(&path).map(|r| (r, Some(c))),
                         None => Http1::connect(addr)
                             .and_then(|mut c| c.get(&path).map(|r| (r, Some(c)))),
                     };
                     let mut rep = report.lock().unwrap_or_else(|e| e.into_inner());
+                    if reconnect {
+                        rep.reconnects += 1;
+                    }
                     match result {
                         Ok((resp, c)) if resp.status == 200 => {
                             rep.ok += 1;
@@ -489,14 +534,23 @@ impl Load {
     }
 
     /// Stops the clients (each finishes its current request) and returns the count.
-    pub fn finish(self) -> LoadReport {
+    pub fn finish(mut self) -> LoadReport {
+        self.stop_clients();
+        self.snapshot()
+    }
+
+    fn stop_clients(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             let _ = t.join();
         }
-        self.report
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    }
+}
+
+/// A load dropped unfinished (its test panicked) stops its clients, rather than
+/// loading the machine, and the tests that run beside it, until [`Load::LIMIT`].
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop_clients();
     }
 }

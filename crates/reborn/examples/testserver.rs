@@ -2,7 +2,8 @@
 //! and answers that say which binary and which process served them.
 //!
 //! `GET /ping` answers `pong <digest> pid=<pid>` (the digest is of the executable file
-//! itself, so a changed binary answers differently); `?sleep_ms=N` waits first.
+//! itself, its size and its end, where a variant's tag is appended, so a variant answers
+//! differently); `?sleep_ms=N` waits first.
 //! `GET /whoami` (TCP) and `GET /whoami-unix` answer who the connection is from, as
 //! axum's `ConnectInfo` and `reborn::ConnectionInfo` say.
 //! `GET /upgrade-echo` (with `Upgrade: echo`) switches protocols and echoes what it
@@ -90,6 +91,8 @@ struct Args {
     header_read_timeout: Option<Duration>,
     eviction_window: Option<Duration>,
     panic_on_usr1: bool,
+    no_handoff: bool,
+    shutdown_delay: Option<Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -106,6 +109,8 @@ fn parse_args() -> Result<Args, String> {
         header_read_timeout: None,
         eviction_window: None,
         panic_on_usr1: false,
+        no_handoff: false,
+        shutdown_delay: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -128,6 +133,8 @@ fn parse_args() -> Result<Args, String> {
             "--header-read-timeout-ms" => a.header_read_timeout = Some(ms(value()?)?),
             "--eviction-window-ms" => a.eviction_window = Some(ms(value()?)?),
             "--panic-on-usr1" => a.panic_on_usr1 = true,
+            "--no-handoff" => a.no_handoff = true,
+            "--shutdown-delay-ms" => a.shutdown_delay = Some(ms(value()?)?),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -145,10 +152,23 @@ struct SelfFile {
 }
 
 fn read_self() -> SelfFile {
-    let bytes = std::fs::read("/proc/self/exe").unwrap_or_default();
-    // FNV-1a over the executable: cheap, and any changed byte changes it.
+    // The digest is of the file's size and its last 64 KiB, where a variant's tag and
+    // knobs are appended: reading and hashing the whole debug binary (75 MB) cost every
+    // start of every test up to a second on a loaded machine.
+    const TAIL: u64 = 64 * 1024;
+    let tail_bytes = || -> std::io::Result<(u64, Vec<u8>)> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open("/proc/self/exe")?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(TAIL)))?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail)?;
+        Ok((len, tail))
+    };
+    let (len, bytes) = tail_bytes().unwrap_or_default();
+    // FNV-1a: cheap, and any changed byte of what it covers changes it.
     let mut h: u64 = 0xcbf29ce484222325;
-    for b in &bytes {
+    for b in len.to_le_bytes().iter().chain(&bytes) {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x100000001b3);
     }
@@ -221,7 +241,7 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let pid = std::process::id();
     say!("[pid] {pid}");
-    let mut builder = reborn::Reborn::builder();
+    let mut builder = reborn::Reborn::builder().hand_over_idle_connections(!args.no_handoff);
     if let Some(d) = args.probation {
         builder = builder.probation(d);
     }
@@ -233,6 +253,9 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(d) = args.hammer_grace {
         builder = builder.hammer_grace(d);
+    }
+    if let Some(d) = args.shutdown_delay {
+        builder = builder.shutdown_delay(d);
     }
     if me.abort_after_ready.is_some() || me.fail_ready_check.is_some() {
         let (abort, fail) = (me.abort_after_ready, me.fail_ready_check.clone());
@@ -289,6 +312,15 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
         .clone()
         .unwrap_or_else(|| ("http".to_owned(), args.addr.clone()));
     let tcp = reborn.listen(&name, &addr)?;
+    // Which of reborn's system paths this build takes (the tests check that it is theirs).
+    say!(
+        "system path: {}",
+        if cfg!(reborn_linux) {
+            "linux"
+        } else {
+            "portable"
+        }
+    );
     say!("listening on {}", tcp.local_addr());
     let unix = match &args.unix {
         Some(path) => {
@@ -300,6 +332,7 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
     };
     let digest = me.digest;
     let app = Router::new()
+        .route_service("/readyz", reborn.readiness())
         .route(
             "/whoami",
             get(

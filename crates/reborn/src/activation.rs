@@ -39,15 +39,25 @@ pub const ENV_UPSTREAM_NOTIFY: &str = "REBORN_UPSTREAM_NOTIFY_SOCKET";
 /// reborn's own addition: set by the reborn master to its PID. A worker that sees it leaves
 /// upgrades to the master.
 pub const ENV_MASTER_PID: &str = "REBORN_MASTER_PID";
+/// reborn's own addition: set by a self-upgrade to the previous generation's handoff
+/// socket, on which it hands over its idle keep-alive connections (see
+/// [`Builder::hand_over_idle_connections`](crate::Builder::hand_over_idle_connections)).
+pub const ENV_HANDOFF: &str = "REBORN_HANDOFF_SOCKET";
+/// reborn's own addition: set by the reborn master to the probation of each new worker
+/// (ms). A worker being replaced keeps its idle connections that long before it hands
+/// them to the new worker: should that one die on probation, they lose nothing.
+pub const ENV_MASTER_PROBATION: &str = "REBORN_MASTER_PROBATION_MS";
 
 /// The variables this module consumes; they are never handed on as they were.
-pub const CONSUMED_VARS: [&str; 6] = [
+pub const CONSUMED_VARS: [&str; 8] = [
     ENV_LISTEN_PID,
     ENV_LISTEN_FDS,
     ENV_LISTEN_FDNAMES,
     ENV_NOTIFY_SOCKET,
     ENV_UPSTREAM_NOTIFY,
     ENV_MASTER_PID,
+    ENV_HANDOFF,
+    ENV_MASTER_PROBATION,
 ];
 
 /// A malformed socket-activation environment.
@@ -239,6 +249,11 @@ pub struct ProcessEnv {
     pub started_by_upgrade: bool,
     /// The reborn master's PID when this process runs under one.
     pub master_pid: Option<u32>,
+    /// The previous generation's handoff socket (`REBORN_HANDOFF_SOCKET`), when a
+    /// self-upgrade or the reborn master started this process.
+    pub handoff_socket: Option<OsString>,
+    /// The reborn master's probation of new workers (`REBORN_MASTER_PROBATION_MS`).
+    pub master_probation: Option<std::time::Duration>,
     /// Why `LISTEN_*` were not used, when they were not.
     pub ignored: Option<Ignored>,
 }
@@ -277,6 +292,10 @@ pub fn take_from_env() -> Result<ProcessEnv, ActivationError> {
     let started_by_upgrade = upstream.is_some();
     let upstream_notify_socket = upstream.filter(|s| !s.is_empty());
     let master_pid = get(ENV_MASTER_PID)?.and_then(|p| p.trim().parse().ok());
+    let handoff_socket = std::env::var_os(ENV_HANDOFF).filter(|s| !s.is_empty());
+    let master_probation = get(ENV_MASTER_PROBATION)?
+        .and_then(|ms| ms.trim().parse().ok())
+        .map(std::time::Duration::from_millis);
     clear_consumed_vars();
     let parent = nix::unistd::getppid().as_raw() as u32;
     let master_pid = master_pid.filter(|&m| {
@@ -342,6 +361,10 @@ pub fn take_from_env() -> Result<ProcessEnv, ActivationError> {
         upstream_notify_socket,
         started_by_upgrade,
         master_pid,
+        // Only from the previous generation, which made this process's notify socket,
+        // or from the reborn master, which did.
+        handoff_socket: handoff_socket.filter(|_| started_by_upgrade || master_pid.is_some()),
+        master_probation: master_probation.filter(|_| master_pid.is_some()),
         ignored,
     })
 }
@@ -349,24 +372,34 @@ pub fn take_from_env() -> Result<ProcessEnv, ActivationError> {
 /// Whether `notify_socket` is one that the reborn master with PID `master` made for its
 /// workers: `DIR/reborn-notify-NS-MASTER-RANDOM/NAME`, in this PID namespace.
 pub fn made_by_master(notify_socket: &std::ffi::OsStr, master: u32) -> bool {
+    in_private_dir_of(notify_socket, master)
+}
+
+/// Whether `notify_socket` is one that a reborn process with PID `parent` made for the
+/// new process of its self-upgrade: on Linux the abstract `@reborn/PARENT/RANDOM`; on
+/// the portable path (other systems, the `portable` feature) a socket in the parent's
+/// private directory, `DIR/reborn-notify-NS-PARENT-RANDOM/notify`. Either is accepted
+/// whichever path this build takes: the parent may have been built the other way.
+pub fn made_by_upgrade(notify_socket: &std::ffi::OsStr, parent: u32) -> bool {
+    let abstract_name = notify_socket
+        .to_str()
+        .and_then(|s| s.strip_prefix("@reborn/"))
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(pid, random)| pid == parent.to_string() && !random.is_empty());
+    abstract_name || in_private_dir_of(notify_socket, parent)
+}
+
+/// Whether `notify_socket` is in a notify directory made by the process `pid` of this
+/// PID namespace (`DIR/reborn-notify-NS-PID-RANDOM/NAME`).
+fn in_private_dir_of(notify_socket: &std::ffi::OsStr, pid: u32) -> bool {
     let path = std::path::Path::new(notify_socket);
     path.parent()
         .and_then(|dir| dir.file_name())
         .and_then(|name| name.to_str())
         .and_then(crate::notify::dir_owner)
-        .is_some_and(|(ns, pid)| {
-            i64::from(pid) == i64::from(master) && ns == crate::notify::pid_namespace()
+        .is_some_and(|(ns, owner)| {
+            i64::from(owner) == i64::from(pid) && ns == crate::notify::pid_namespace()
         })
-}
-
-/// Whether `notify_socket` is one that a reborn process with PID `parent` made for the
-/// new process of its self-upgrade: the abstract `@reborn/PARENT/RANDOM`.
-pub fn made_by_upgrade(notify_socket: &std::ffi::OsStr, parent: u32) -> bool {
-    notify_socket
-        .to_str()
-        .and_then(|s| s.strip_prefix("@reborn/"))
-        .and_then(|rest| rest.split_once('/'))
-        .is_some_and(|(pid, random)| pid == parent.to_string() && !random.is_empty())
 }
 
 /// Removes the consumed variables when the process is single-threaded (the only time
@@ -465,6 +498,15 @@ mod tests {
         assert!(!made_by_upgrade("@reborn/77/00ff".as_ref(), 7));
         assert!(!made_by_upgrade("@reborn/77/".as_ref(), 77));
         assert!(!made_by_upgrade("/run/systemd/notify".as_ref(), 77));
+        // The portable path's socket, in the parent's private directory.
+        let portable = format!("/tmp/reborn-notify-{ns}-77-Qz9k/notify");
+        assert!(made_by_upgrade(portable.as_ref(), 77));
+        assert!(!made_by_upgrade(portable.as_ref(), 78), "another parent");
+        let other_ns = format!("/tmp/reborn-notify-{}-77-Qz9k/notify", ns + 1);
+        assert!(
+            !made_by_upgrade(other_ns.as_ref(), 77),
+            "another PID namespace"
+        );
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! endless, tableflip and nginx lose about one request per open connection per restart.
 //! reborn's policy, per connection:
 //!
+//! * **Plain HTTP/1.1 after an upgrade**: the connection is handed to the new
+//!   generation, socket and all, once it is between requests (see
+//!   [`Builder::hand_over_idle_connections`](crate::Builder::hand_over_idle_connections)):
+//!   its responses do not say `Connection: close`, and the client keeps its connection.
+//!   While the new generation is on probation, connections wait here for it to pass. A
+//!   handoff that fails falls back to the rule below.
 //! * **HTTP/1.x**: from the start of the drain, every response carries
 //!   `Connection: close`, so a busy connection ends cleanly after its next response. A
 //!   connection still open after the idle grace has had no request during the whole grace:
@@ -447,6 +453,108 @@ struct ConnFacts {
     /// Bytes arrived while no request was in flight, and no request has been made of
     /// them yet: the next request head is on its way (or sits half-read in hyper).
     head_arriving: AtomicBool,
+    /// Responses whose body has not been sent to the end yet.
+    responses_open: AtomicUsize,
+    /// Hyper may hold bytes the connection's next owner would need: the client sent a
+    /// request body, or more than one request head at a time (pipelining). Such a
+    /// connection is never handed over.
+    unsure: AtomicBool,
+    /// How much of a request head's end (`\r\n\r\n`) the last bytes read between
+    /// requests matched.
+    head_end: AtomicU8,
+    /// The last write or flush is waiting for the socket: hyper holds bytes to send.
+    write_pending: AtomicBool,
+    /// Notified when the last open response is sent to its end.
+    idle: tokio::sync::Notify,
+}
+
+impl ConnFacts {
+    /// Follows bytes read between requests: any byte after the end of a request head was
+    /// read ahead of the request's call, so hyper holds it.
+    fn read_between_requests(&self, bytes: &[u8]) {
+        const END: &[u8; 4] = b"\r\n\r\n";
+        let mut matched = usize::from(self.head_end.load(Ordering::Relaxed));
+        for &b in bytes {
+            if matched == END.len() {
+                self.unsure.store(true, Ordering::SeqCst);
+                return;
+            }
+            matched = if b == END[matched] {
+                matched + 1
+            } else if b == END[0] {
+                1
+            } else {
+                0
+            };
+        }
+        self.head_end.store(matched as u8, Ordering::Relaxed);
+    }
+
+    /// Whether the connection is between requests with nothing held in hyper: its socket
+    /// can change hands.
+    fn can_hand_over(&self, record: &ConnRecord) -> bool {
+        !self.http2.load(Ordering::SeqCst)
+            && !self.unsure.load(Ordering::SeqCst)
+            && !self.head_arriving.load(Ordering::SeqCst)
+            && !self.write_pending.load(Ordering::SeqCst)
+            && self.responses_open.load(Ordering::SeqCst) == 0
+            && record.in_flight.load(Ordering::SeqCst) == 0
+            && !record.upgraded.load(Ordering::SeqCst)
+    }
+
+    fn response_done(&self) {
+        if self.responses_open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_one();
+        }
+    }
+}
+
+/// What a connection needs to be handed to the next generation: its socket (owned by
+/// its transport, which lives as long as the connection's task), its listener's key, and
+/// the process's handoff state.
+pub(crate) struct HandoffPlan {
+    pub(crate) fd: std::os::fd::RawFd,
+    pub(crate) key: Arc<str>,
+    pub(crate) handoff: Arc<crate::handoff::Handoff>,
+}
+
+impl HandoffPlan {
+    /// Where the next generation stands, for this connection: only an upgrade's drain
+    /// hands connections over.
+    fn state(&self, control: &DrainControl) -> crate::handoff::Outbox {
+        match control.reason() {
+            Some(DrainReason::Upgraded { .. }) => self.handoff.state(),
+            _ => crate::handoff::Outbox::None,
+        }
+    }
+
+    /// The next generation, when this connection may go to it now.
+    fn outbox(&self, control: &DrainControl) -> Option<crate::handoff::HandoffSender> {
+        match control.reason() {
+            Some(DrainReason::Upgraded { .. }) => self.handoff.outbox(),
+            _ => None,
+        }
+    }
+
+    /// Hands the connection over: `true` if the next generation serves it now.
+    async fn hand(&self, sender: &crate::handoff::HandoffSender) -> bool {
+        // SAFETY: F_DUPFD_CLOEXEC on the connection's socket, which its transport keeps
+        // open while this task runs.
+        let copy = unsafe { libc::fcntl(self.fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if copy < 0 {
+            self.handoff.counts.fell();
+            return false;
+        }
+        // SAFETY: a new descriptor nothing else owns.
+        let copy = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(copy) };
+        let served = sender.hand(copy, &self.key).await;
+        if served {
+            self.handoff.counts.handed();
+        } else {
+            self.handoff.counts.fell();
+        }
+        served
+    }
 }
 
 /// The connection's transport, watched: a read that brings bytes while no request is in
@@ -558,11 +666,14 @@ impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncR
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let res = self.poll_unless_hammered(cx, |r| &r.read_waker, |io, cx| io.poll_read(cx, buf));
-        if matches!(res, Poll::Ready(Ok(())))
-            && buf.filled().len() > before
-            && self.record.in_flight.load(Ordering::SeqCst) == 0
-        {
-            self.facts.head_arriving.store(true, Ordering::SeqCst);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            if self.record.in_flight.load(Ordering::SeqCst) == 0 {
+                self.facts.head_arriving.store(true, Ordering::SeqCst);
+                self.facts.read_between_requests(&buf.filled()[before..]);
+            } else {
+                // A request body, or the next request read ahead: hyper holds it.
+                self.facts.unsure.store(true, Ordering::SeqCst);
+            }
         }
         res
     }
@@ -576,6 +687,9 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<IO> 
     ) -> Poll<std::io::Result<usize>> {
         let res =
             self.poll_unless_hammered(cx, |r| &r.write_waker, |io, cx| io.poll_write(cx, buf));
+        self.facts
+            .write_pending
+            .store(res.is_pending(), Ordering::SeqCst);
         if let Poll::Ready(Ok(n)) = res {
             self.wrote([buf], n);
         }
@@ -592,6 +706,9 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<IO> 
             |r| &r.write_waker,
             |io, cx| io.poll_write_vectored(cx, bufs),
         );
+        self.facts
+            .write_pending
+            .store(res.is_pending(), Ordering::SeqCst);
         if let Poll::Ready(Ok(n)) = res {
             self.wrote(bufs.iter().map(|b| &**b), n);
         }
@@ -603,7 +720,11 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadWatch<IO> 
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let res = Pin::new(&mut self.io).poll_flush(cx);
+        self.facts
+            .write_pending
+            .store(res.is_pending(), Ordering::SeqCst);
+        res
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -625,10 +746,13 @@ pub(crate) struct ConnTiming {
 /// head is arriving.
 const HEAD_ARRIVING_POLL: Duration = Duration::from_millis(50);
 
+/// How soon a connection to hand over, not between requests yet, is looked at again.
+const HANDOFF_LOOK_AGAIN: Duration = Duration::from_millis(10);
+
 /// Wraps the user's service: marks HTTP/2 connections, gives each request the
 /// connection's extensions, and during the drain adds `Connection: close` to HTTP/1.x
 /// responses.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct DrainService<S> {
     inner: S,
     flags: &'static PhaseFlags,
@@ -636,23 +760,31 @@ pub(crate) struct DrainService<S> {
     record: Arc<ConnRecord>,
     /// Put in every request's extensions: who the connection is from.
     extensions: http::Extensions,
+    /// Whether the connection will be handed over after the response being made.
+    handing_over: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for DrainService<S>
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
 {
-    type Response = Response<B>;
+    type Response = Response<SentBody<B>>;
     type Error = S::Error;
     type Future = DrainFuture<S::Future>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        use http_body::Body as _;
         req.extensions_mut().extend(self.extensions.clone());
         let http1 = req.version() < Version::HTTP_2;
         if !http1 {
             self.facts.http2.store(true, Ordering::Relaxed);
         }
+        if !req.body().is_end_stream() {
+            self.facts.unsure.store(true, Ordering::SeqCst);
+        }
         self.record.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.facts.responses_open.fetch_add(1, Ordering::SeqCst);
+        self.facts.head_end.store(0, Ordering::Relaxed);
         self.facts.head_arriving.store(false, Ordering::SeqCst);
         *self
             .record
@@ -664,8 +796,55 @@ where
         DrainFuture {
             inner: self.inner.call(req),
             close_when_draining: http1.then_some(&self.flags.draining),
+            handing_over: self.handing_over.clone(),
+            facts: Some(self.facts.clone()),
             _in_flight: in_flight,
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body, followed to its end: the connection is between requests again
+    /// once the last one is sent.
+    pub(crate) struct SentBody<B> {
+        #[pin]
+        inner: B,
+        facts: Option<Arc<ConnFacts>>,
+    }
+
+    impl<B> PinnedDrop for SentBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(facts) = this.project().facts.take() {
+                facts.response_done();
+            }
+        }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for SentBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if frame.is_none()
+            && let Some(facts) = this.facts.take()
+        {
+            facts.response_done();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -675,7 +854,20 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         close_when_draining: Option<&'static AtomicBool>,
+        // Whether this connection is to be handed over after this response (then it
+        // does not say `Connection: close`).
+        handing_over: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+        // Given to the response's body; without a response, the request is done here.
+        facts: Option<Arc<ConnFacts>>,
         _in_flight: InFlight,
+    }
+
+    impl<F> PinnedDrop for DrainFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(facts) = this.project().facts.take() {
+                facts.response_done();
+            }
+        }
     }
 }
 
@@ -683,7 +875,7 @@ impl<F, B, E> Future for DrainFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<B>, E>;
+    type Output = Result<Response<SentBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -698,12 +890,33 @@ where
         }
         if let (Ok(resp), Some(draining)) = (&mut res, *this.close_when_draining)
             && draining.load(Ordering::SeqCst)
+            && !this.handing_over.as_ref().is_some_and(|h| h())
         {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        Poll::Ready(res)
+        let facts = this.facts.take();
+        match res {
+            Ok(resp) => Poll::Ready(Ok(resp.map(|inner| SentBody { inner, facts }))),
+            Err(e) => {
+                if let Some(facts) = facts {
+                    facts.response_done();
+                }
+                Poll::Ready(Err(e))
+            }
+        }
     }
+}
+
+/// What a connection is served with, besides its transport and service.
+pub(crate) struct ConnSetup {
+    pub(crate) timing: ConnTiming,
+    /// Put in every request's extensions.
+    pub(crate) extensions: http::Extensions,
+    /// Counts the connection in its `serve` while it lives.
+    pub(crate) counted: tokio_util::task::task_tracker::TaskTrackerToken,
+    /// Set when it may be handed to the next generation.
+    pub(crate) handoff: Option<HandoffPlan>,
 }
 
 /// Serves one connection under the drain policy above; returns when it is closed.
@@ -712,9 +925,7 @@ pub(crate) async fn serve_connection<IO, S, B>(
     io: IO,
     service: S,
     mut phase: PhaseWatch,
-    timing: ConnTiming,
-    extensions: http::Extensions,
-    counted: tokio_util::task::task_tracker::TaskTrackerToken,
+    setup: ConnSetup,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -724,13 +935,28 @@ pub(crate) async fn serve_connection<IO, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let ConnSetup {
+        timing,
+        extensions,
+        counted,
+        handoff,
+    } = setup;
     let facts = Arc::new(ConnFacts::default());
+    let plan = handoff.map(Arc::new);
+    let handing_over = plan.as_ref().map(|plan| {
+        let (plan, facts, control) = (plan.clone(), facts.clone(), phase.control.clone());
+        Arc::new(move || {
+            !facts.unsure.load(Ordering::SeqCst)
+                && plan.state(&control) != crate::handoff::Outbox::None
+        }) as Arc<dyn Fn() -> bool + Send + Sync>
+    });
     let service = DrainService {
         inner: service,
         flags: phase.flags(),
         facts: facts.clone(),
         record: phase.record.clone(),
         extensions,
+        handing_over,
     };
     let io = HeadWatch {
         io,
@@ -749,6 +975,11 @@ pub(crate) async fn serve_connection<IO, S, B>(
     // When the idle grace ended with a request head arriving.
     let mut head_wait_since: Option<Instant> = None;
     let mut shut_down = false;
+    // Waiting for the moment to hand the connection to the next generation, and when to
+    // look again if it was not that moment yet.
+    let mut handing = false;
+    let mut look_again: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut next_generation = plan.as_ref().map(|p| p.handoff.watch());
     loop {
         tokio::select! {
             biased;
@@ -766,6 +997,8 @@ pub(crate) async fn serve_connection<IO, S, B>(
                         grace = None;
                         head_wait_since = None;
                     }
+                    handing = false;
+                    look_again = None;
                 }
                 Phase::Draining => {
                     if facts.http2.load(Ordering::Relaxed) {
@@ -773,11 +1006,65 @@ pub(crate) async fn serve_connection<IO, S, B>(
                             shut_down = true;
                             conn.as_mut().graceful_shutdown();
                         }
+                    } else if !shut_down
+                        && !facts.unsure.load(Ordering::SeqCst)
+                        && plan.as_ref().is_some_and(|p| {
+                            p.state(&phase.control) != crate::handoff::Outbox::None
+                        })
+                    {
+                        handing = true;
+                        facts.idle.notify_one();
                     } else if grace.is_none() && !shut_down {
                         grace = Some(Box::pin(tokio::time::sleep(timing.idle_grace)));
                     }
                 }
                 Phase::Hammer => return,
+            },
+            () = async {
+                tokio::select! {
+                    () = facts.idle.notified() => {}
+                    () = async { if let Some(l) = look_again.as_mut() { l.await } }, if look_again.is_some() => {}
+                    _ = async {
+                        match next_generation.as_mut() {
+                            Some(w) => w.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
+                }
+            }, if handing => {
+                look_again = None;
+                let state = plan
+                    .as_ref()
+                    .map_or(crate::handoff::Outbox::None, |p| p.state(&phase.control));
+                let outbox = plan.as_ref().and_then(|p| Some((p, p.outbox(&phase.control)?)));
+                match outbox {
+                    // On probation: stay, until it passes or dies.
+                    None if state == crate::handoff::Outbox::Waiting => {}
+                    Some(_) if !facts.can_hand_over(&phase.record) => {
+                        if facts.unsure.load(Ordering::SeqCst) {
+                            handing = false;
+                            grace = Some(Box::pin(tokio::time::sleep(timing.idle_grace)));
+                        } else {
+                            // A response still going out, a head arriving, a write
+                            // waiting for the socket: the end of a response says so, the
+                            // rest is looked at again shortly.
+                            look_again = Some(Box::pin(tokio::time::sleep(HANDOFF_LOOK_AGAIN)));
+                        }
+                    }
+                    Some((plan, sender)) => {
+                        // hyper is not polled while the socket changes hands: what the
+                        // client sends now waits in the socket, for its next owner.
+                        if plan.hand(&sender).await {
+                            return;
+                        }
+                        handing = false;
+                        grace = Some(Box::pin(tokio::time::sleep(timing.idle_grace)));
+                    }
+                    None => {
+                        handing = false;
+                        grace = Some(Box::pin(tokio::time::sleep(timing.idle_grace)));
+                    }
+                }
             },
             () = async { if let Some(g) = grace.as_mut() { g.await } }, if grace.is_some() => {
                 grace = None;
@@ -798,5 +1085,40 @@ pub(crate) async fn serve_connection<IO, S, B>(
                 conn.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unsure_after(reads: &[&[u8]]) -> bool {
+        let facts = ConnFacts::default();
+        for r in reads {
+            facts.read_between_requests(r);
+        }
+        facts.unsure.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn bytes_after_a_request_head_mean_hyper_holds_them() {
+        let head: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(!unsure_after(&[head]), "one whole head");
+        assert!(
+            !unsure_after(&[b"GET / HTTP/1.1\r\nHo", b"st: x\r", b"\n\r\n"]),
+            "one head, split anywhere (even inside its end)"
+        );
+        assert!(
+            unsure_after(&[b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /b"]),
+            "a second request read ahead"
+        );
+        assert!(
+            unsure_after(&[b"GET / HTTP/1.1\r\nHost: x\r\n\r", b"\nX"]),
+            "a byte after an end split across reads"
+        );
+        assert!(
+            !unsure_after(&[b"GET / HTTP/1.1\r\nA: \r\r\n\r\n"]),
+            "a stray \\r before the end"
+        );
     }
 }

@@ -118,6 +118,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A [`Builder`](crate::Builder) setting that cannot work, and why.
+    #[error("{0}")]
+    Config(String),
     /// The tokio runtime could not be built or signal handlers could not be installed.
     #[error("cannot start the runtime: {0}")]
     Runtime(#[source] io::Error),
@@ -181,6 +184,7 @@ impl std::fmt::Debug for Error {
                 .field("path", path)
                 .field("source", source)
                 .finish(),
+            Error::Config(m) => f.debug_tuple("Config").field(m).finish(),
             Error::Runtime(e) => f.debug_tuple("Runtime").field(e).finish(),
             Error::Io { what, source } => f
                 .debug_struct("Io")

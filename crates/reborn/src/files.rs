@@ -9,8 +9,10 @@
 //!
 //! * at start-up the soft limit is raised to the hard limit (as Go's runtime does), which
 //!   is where most "too many open files" end;
-//! * a [`Reserve`] of descriptors (on `/dev/null`) is held from start-up, and given back
-//!   to the system for the moment an upgrade starts its new process, then taken again;
+//! * a [`Reserve`] of descriptors (on `/dev/null`) is held from the start of a first
+//!   process, and from the moment a process that replaces another is ready (not before:
+//!   its start-up is on the upgrade's clock), given back to the system for the moment an
+//!   upgrade starts its new process, then taken again;
 //!   the accept loop, when it is out of descriptors, does not retry while the reserve is
 //!   out, so it cannot take those descriptors first;
 //! * errors that say "too many open files" name the count and the limit and tell what to
@@ -74,18 +76,27 @@ pub(crate) struct Reserve {
 }
 
 impl Reserve {
-    /// Takes the reserve's descriptors (as many as the system gives).
+    /// An empty reserve; [`fill`](Self::fill) takes its descriptors.
     pub(crate) fn new() -> Reserve {
-        let reserve = Reserve::default();
-        reserve.fill();
-        reserve
+        Reserve::default()
     }
 
-    fn fill(&self) {
+    /// Takes the reserve's descriptors (as many as the system gives): one `open` and its
+    /// duplicates; a full reserve is left as it is. A first process calls it as it is
+    /// built, one that replaces another once it has reported ready, off the path of the
+    /// handoff.
+    pub(crate) fn fill(&self) {
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-        while files.len() < RESERVE {
-            // std opens with O_CLOEXEC: a new process never inherits these.
+        if files.is_empty() {
+            // std opens with O_CLOEXEC, and duplicates likewise: a new process never
+            // inherits these.
             match File::open("/dev/null") {
+                Ok(f) => files.push(f),
+                Err(_) => return,
+            }
+        }
+        while files.len() < RESERVE {
+            match files[0].try_clone() {
                 Ok(f) => files.push(f),
                 Err(_) => break,
             }
@@ -139,6 +150,8 @@ mod tests {
     fn the_reserve_is_given_back_and_taken_again() {
         let reserve = Reserve::new();
         let count = || reserve.files.lock().unwrap().len();
+        assert_eq!(count(), 0);
+        reserve.fill();
         assert_eq!(count(), RESERVE);
         {
             let _out = reserve.release();

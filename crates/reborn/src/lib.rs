@@ -49,7 +49,7 @@
 //! | signal | what happens |
 //! |---|---|
 //! | `SIGHUP` | upgrade to the binary on disk |
-//! | `SIGTERM`, `SIGINT` | graceful shutdown: drain, then exit 0 |
+//! | `SIGTERM`, `SIGINT` | graceful shutdown: drain, then exit 0 (after the [shutdown delay](Builder::shutdown_delay), if one is set) |
 //! | `SIGUSR2` | hammer: close every connection now |
 //! | `SIGUSR1`, `SIGTSTP` | your hooks ([`Builder::on`]) |
 //!
@@ -82,9 +82,14 @@
 //! }
 //! ```
 //!
-//! A server with its own accept loop (a TLS terminator, a raw TCP protocol) takes the
-//! socket with [`Listener::into_socket`], calls [`Reborn::ready`] once it accepts, and
-//! stops accepting when [`Shutdown::draining`] resolves.
+//! A server with its own accept loop (a TLS terminator, a raw TCP protocol, another
+//! framework) takes the socket with [`Listener::into_socket`], calls [`Reborn::ready`]
+//! once it accepts, and stops accepting when [`Shutdown::draining`] resolves. The
+//! `raw_tcp` example does so with a line protocol, the `actix` example with actix-web
+//! (`HttpServer::listen` on the socket, `disable_signals`, a graceful `stop` at the
+//! drain). Such a server owns its connections, and closes idle keep-alive ones itself
+//! when it stops: actix does so at once, racing a client that sends its next request just
+//! then. reborn's keep-alive drain applies to what [`Reborn::serve`] runs.
 //!
 //! # One protocol, three hosts
 //!
@@ -130,6 +135,22 @@
 //! HTTP/2 connections get a graceful GOAWAY. A client halfway through sending its next
 //! request when the grace ends is not idle, and is answered. See [`drain`].
 //!
+//! After an upgrade it does better still: an idle plain HTTP/1.1 connection is not
+//! closed at all but handed to the new generation (its socket, sent over a private Unix
+//! socket between the two processes), so keep-alive clients and the connection pools of
+//! load balancers keep their connections, and nothing races a close
+//! ([`Builder::hand_over_idle_connections`], on by default; [`Reborn::handoff_counts`]).
+//!
+//! # Behind a load balancer
+//!
+//! An in-place upgrade keeps the listening socket open, so a balancer in front sees
+//! nothing. An instance that is *replaced* (a Kubernetes rolling update, a host drained)
+//! gets `SIGTERM` while the balancer still sends it traffic; with a
+//! [shutdown delay](Builder::shutdown_delay) it serves on for a while, its readiness
+//! endpoint ([`Reborn::readiness`], mounted at `/readyz`) answering `503`, and drains
+//! only once the balancer has taken it out. See [`health`], and `docs/fleet.md` for
+//! Kubernetes, systemd and HAProxy settings.
+//!
 //! # WebSockets, event streams, gRPC streams
 //!
 //! A connection that switched protocols (a WebSocket) or carries a long stream is the
@@ -154,6 +175,53 @@
 //!   its upgrade;
 //! * a terminal that goes away, or a log pipe whose reader died: signals keep working
 //!   (see [`signals`]).
+//!
+//! # Other systems
+//!
+//! Socket inheritance, readiness and drains are POSIX, and so is reborn's portable path,
+//! taken on every Unix but Linux. Linux takes a faster, tighter one. To test the portable
+//! path on Linux, build with the `portable` feature (`cargo test -p reborn --features
+//! portable`; CI runs the library's tests of what the two paths do differently that way
+//! too, `scripts/test-portable`).
+//!
+//! | | Linux | other systems, and the `portable` feature |
+//! |---|---|---|
+//! | starting a generation | `clone` with vfork semantics (no copy of a large server's page tables); a pinned program by `execveat` | `fork` and `exec`; a pinned program as `/dev/fd/N` |
+//! | knowing it exited | a pidfd | `waitpid` at each `SIGCHLD` |
+//! | its readiness socket | an abstract name (nothing on disk), each datagram's sender checked by its credentials | a socket file in a fresh directory only this user can enter (mode 0700) |
+//! | [`spawn::SpawnSpec::parent_death_signal`] | `PR_SET_PDEATHSIG` | none: the child outlives a parent that is killed |
+//! | removing `LISTEN_*` from a single-threaded environment ([`init`]) | counted in `/proc/self/task` | left in place (harmless: reborn never hands them on) |
+//!
+//! What a user sees is the same: the signals, the drain, the upgrade and its errors.
+//! Only Linux targets can be built where reborn is developed, so other systems are
+//! covered through the feature, not on the systems themselves. The master, `reborn run`,
+//! is made for Linux (it reads `/proc` and collects its workers' orphans as their
+//! subreaper); on other systems, use the library's own upgrades.
+//!
+//! # A faster handoff: link statically
+//!
+//! Most of an upgrade's handoff, the time from `SIGHUP` to the first answer of the new
+//! generation, is the new process's own start: `exec`, then the dynamic loader mapping
+//! and relocating glibc, libm and libgcc_s, then the runtime's threads. reborn's part
+//! (its sockets, the spawn, the readiness message) is a few dozen system calls. A
+//! statically linked binary skips the loader; for a server that is upgraded often, or
+//! behind clients with tight timeouts, build it so:
+//!
+//! ```sh
+//! RUSTFLAGS="-C target-feature=+crt-static" \
+//!     cargo build --release --target x86_64-unknown-linux-gnu
+//! ```
+//!
+//! (`--target` keeps build scripts and proc macros dynamic, as they must be.) What it
+//! buys, measured side by side at light load (`BENCHMARKS.md`, "Keep-alive connections
+//! move"): the first answer of the new generation came 1.2 ms sooner in the median (4.6
+//! against 5.8 ms on a slow-to-exec VM; on a faster machine a static build measured
+//! 2.1 against 2.6 ms). What it costs: the binary carries its own copy of glibc (a glibc
+//! security update means a rebuild), and whatever glibc loads at run time needs the same
+//! glibc version on the machine: name lookups through NSS modules other than `files` and
+//! `dns` (LDAP or sssd users, systemd-resolved's `resolve`, mDNS), `iconv` conversions,
+//! `dlopen`. A server that uses none of these (most do not) loses nothing; the binary
+//! stays position-independent (`static-pie`), so address randomization is kept.
 #![warn(missing_docs)]
 
 pub mod activation;
@@ -161,6 +229,8 @@ pub mod drain;
 pub mod draining;
 pub mod error;
 mod files;
+pub(crate) mod handoff;
+pub mod health;
 pub mod listeners;
 mod log;
 pub mod notify;
@@ -180,10 +250,11 @@ use std::sync::Mutex;
 pub use drain::{Phase, Shutdown};
 pub use draining::Draining;
 pub use error::{Error, Result};
+pub use health::{Health, Readiness};
 pub use listeners::{ListenAddr, Listener};
 pub use peer::{ConnectionInfo, UnixPeer};
 pub use serve::{BoxError, Connection, HttpBody, HttpService};
-pub use server::{Builder, EXIT_DRAIN_OVERRUN, ReadyMode, Reborn};
+pub use server::{Builder, EXIT_DRAIN_OVERRUN, HandoffCounts, ReadyMode, Reborn};
 pub use signals::Signal;
 pub use upgrade::{UpgradeError, Upgraded};
 
@@ -245,12 +316,16 @@ pub(crate) fn process_info() -> &'static server::ProcessInfo {
     })
 }
 
-/// The directory, held open without read access (`O_PATH`): enough to `fchdir` into.
+/// The directory, held open to `fchdir` into: on Linux without read access (`O_PATH`).
 fn open_dir(dir: &std::path::Path) -> Option<std::os::fd::OwnedFd> {
     use std::os::unix::fs::OpenOptionsExt;
+    #[cfg(target_os = "linux")]
+    let flags = libc::O_PATH | libc::O_DIRECTORY;
+    #[cfg(not(target_os = "linux"))]
+    let flags = libc::O_DIRECTORY;
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .custom_flags(flags)
         .open(dir)
         .ok()
         .map(std::os::fd::OwnedFd::from)

@@ -41,6 +41,11 @@ pub struct NotifyMessage {
     /// `BARRIER=1`: the sender waits until the descriptor that came with this datagram
     /// is closed (a receiver closes it as soon as the datagram is read).
     pub barrier: bool,
+    /// `REBORN_HANDOFF_SOCKET=…`: reborn's own, sent by a worker to the reborn master
+    /// with `READY=1`: where the worker that replaces it may connect to be handed its
+    /// idle keep-alive connections (the master passes it on in that worker's
+    /// environment).
+    pub handoff_socket: Option<std::ffi::OsString>,
 }
 
 impl NotifyMessage {
@@ -62,6 +67,10 @@ impl NotifyMessage {
                 b"MAINPID" => msg.main_pid = text.trim().parse().ok(),
                 b"ERRNO" => msg.errno = text.trim().parse().ok(),
                 b"REBORN_HANDED_OVER" => msg.handed_over = text.trim().parse().ok(),
+                // As text, as STATUS= is: reborn's addresses are.
+                b"REBORN_HANDOFF_SOCKET" if !value.is_empty() => {
+                    msg.handoff_socket = Some(text.into_owned().into());
+                }
                 _ => {}
             }
         }
@@ -93,6 +102,11 @@ impl NotifyMessage {
         if self.barrier {
             out.push_str("BARRIER=1\n");
         }
+        if let Some(socket) = &self.handoff_socket {
+            out.push_str("REBORN_HANDOFF_SOCKET=");
+            out.push_str(&socket.to_string_lossy());
+            out.push('\n');
+        }
         if let Some(status) = &self.status {
             // A status is one line.
             out.push_str("STATUS=");
@@ -115,9 +129,20 @@ pub fn send(addr: &OsStr, message: &str) -> io::Result<()> {
     let sock = UnixDatagram::unbound()?;
     let bytes = addr.as_bytes();
     if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        let sa = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
-        sock.send_to_addr(message.as_bytes(), &sa)?;
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::linux::net::SocketAddrExt;
+            let sa = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
+            sock.send_to_addr(message.as_bytes(), &sa)?;
+        }
+        #[cfg(not(target_os = "linux"))]
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "NOTIFY_SOCKET={}: abstract socket names (@…) exist only on Linux",
+                String::from_utf8_lossy(abstract_name)
+            ),
+        ));
     } else {
         sock.send_to(message.as_bytes(), Path::new(addr))?;
     }
@@ -126,14 +151,17 @@ pub fn send(addr: &OsStr, message: &str) -> io::Result<()> {
 
 /// A private notify socket on which one child process reports readiness.
 ///
-/// Two kinds, both accepting datagrams only from processes of this user (or root): the
-/// kernel attaches the sender's credentials to each datagram (`SO_PASSCRED`) and any
-/// other sender is ignored, with a warning.
+/// Two kinds, both accepting datagrams only from processes of this user (or root). On
+/// Linux the kernel attaches the sender's credentials to each datagram (`SO_PASSCRED`)
+/// and any other sender is ignored, with a warning; other systems (and Linux with the
+/// `portable` feature) have no credentials on datagrams, and rely on the directory's
+/// mode alone, which lets no other user reach the socket.
 ///
 /// - [`NotifyReceiver::new`]: a socket file in a fresh directory only this user can enter
 ///   (mode 0700). Every notify client understands a path. The directory goes away when
 ///   this is dropped. ([`NotifyDir`] makes the directory once for many receivers.)
-/// - [`NotifyReceiver::new_abstract`]: a name in Linux's abstract socket namespace
+/// - [`NotifyReceiver::new_abstract`] (Linux only, not with the `portable` feature): a
+///   name in Linux's abstract socket namespace
 ///   (`NOTIFY_SOCKET=@reborn/…`, understood by libsystemd, `systemd-notify` and reborn).
 ///   Nothing is created on disk, so it costs no file-system work on the upgrade's
 ///   critical path and leaves nothing behind if the process is killed.
@@ -148,6 +176,7 @@ pub struct NotifyReceiver {
 #[derive(Debug)]
 enum Cleanup {
     /// Nothing (an abstract name).
+    #[cfg(reborn_linux)]
     Nothing,
     /// Its own private directory, and the socket file in it.
     Dir(#[allow(dead_code, reason = "held to be removed when dropped")] tempfile::TempDir),
@@ -292,6 +321,15 @@ impl NotifyDir {
         Ok(NotifyDir { dir })
     }
 
+    /// The directory itself, removed when dropped.
+    #[cfg_attr(
+        reborn_linux,
+        allow(dead_code, reason = "the portable path's handoff socket")
+    )]
+    pub(crate) fn into_dir(self) -> tempfile::TempDir {
+        self.dir
+    }
+
     /// A receiver on the socket `NAME.sock` in this directory (a name not in use: one per
     /// child), whose file is removed when the receiver is dropped.
     pub fn receiver(&self, name: &str) -> io::Result<NotifyReceiver> {
@@ -312,25 +350,10 @@ impl NotifyReceiver {
 
     /// Creates the socket in the abstract namespace, under a name no other socket has
     /// (`reborn/<pid>/<random>`).
+    #[cfg(reborn_linux)]
     pub fn new_abstract() -> io::Result<NotifyReceiver> {
-        use std::os::linux::net::SocketAddrExt;
-        let mut attempts = 0;
-        loop {
-            let name = format!("reborn/{}/{:016x}", std::process::id(), random_u64()?);
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-            match UnixDatagram::bind_addr(&addr) {
-                Ok(socket) => {
-                    return NotifyReceiver::from_bound(
-                        socket,
-                        format!("@{name}").into(),
-                        Cleanup::Nothing,
-                    );
-                }
-                // Taken by chance (or on purpose, by someone guessing): draw again.
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts < 8 => attempts += 1,
-                Err(e) => return Err(e),
-            }
-        }
+        let (socket, address) = bind_abstract("reborn", UnixDatagram::bind_addr)?;
+        NotifyReceiver::from_bound(socket, address, Cleanup::Nothing)
     }
 
     fn from_bound(
@@ -338,6 +361,7 @@ impl NotifyReceiver {
         address: OsString,
         cleanup: Cleanup,
     ) -> io::Result<NotifyReceiver> {
+        #[cfg(reborn_linux)]
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::PassCred, &true)?;
         socket.set_nonblocking(true)?;
         Ok(NotifyReceiver {
@@ -374,6 +398,11 @@ impl NotifyReceiver {
                     s.pid,
                     s.uid
                 ),
+                // No credentials here: the socket is in a directory only this user (and
+                // root) can enter.
+                #[cfg(not(reborn_linux))]
+                None => return Ok(NotifyMessage::parse(&buf[..len])),
+                #[cfg(reborn_linux)]
                 None => {
                     crate::log::warning!(
                         "ignored a notify message without its sender's credentials"
@@ -399,6 +428,10 @@ impl NotifyReceiver {
 
 /// Who sent a datagram, as the kernel says.
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(
+    not(reborn_linux),
+    allow(dead_code, reason = "credentials are Linux's")
+)]
 struct Sender {
     pid: i32,
     uid: u32,
@@ -427,21 +460,28 @@ fn recv_with_sender(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
     // Room for the credentials and for as many descriptors as a datagram can carry: a
     // control buffer too small for them makes the kernel truncate it (MSG_CTRUNC), which
     // would lose the credentials' place and fail the read with ENOBUFS.
-    let mut space = nix::cmsg_space!(
-        nix::sys::socket::UnixCredentials,
-        [RawFd; MAX_FDS_PER_DATAGRAM]
-    );
-    let msg = recvmsg::<()>(
-        fd,
-        &mut iov,
-        Some(&mut space),
+    #[cfg(reborn_linux)]
+    let (mut space, flags) = (
+        nix::cmsg_space!(
+            nix::sys::socket::UnixCredentials,
+            [RawFd; MAX_FDS_PER_DATAGRAM]
+        ),
         MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
+    );
+    // Not every system has MSG_CMSG_CLOEXEC: close-on-exec is set just after.
+    #[cfg(not(reborn_linux))]
+    let (mut space, flags) = (
+        nix::cmsg_space!([RawFd; MAX_FDS_PER_DATAGRAM]),
+        MsgFlags::MSG_DONTWAIT,
+    );
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), flags)?;
     let len = msg.bytes;
+    #[cfg_attr(not(reborn_linux), allow(unused_mut))]
     let mut sender = None;
     let mut fds = Vec::new();
     for cmsg in msg.cmsgs()? {
         match cmsg {
+            #[cfg(reborn_linux)]
             ControlMessageOwned::ScmCredentials(c) => {
                 sender = Some(Sender {
                     pid: c.pid(),
@@ -457,6 +497,13 @@ fn recv_with_sender(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
                         .into_iter()
                         .map(|raw| unsafe { OwnedFd::from_raw_fd(raw) }),
                 );
+                #[cfg(not(reborn_linux))]
+                for fd in &fds {
+                    let _ = nix::fcntl::fcntl(
+                        fd,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                    );
+                }
             }
             _ => {}
         }
@@ -464,7 +511,30 @@ fn recv_with_sender(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
     Ok(Datagram { len, sender, fds })
 }
 
+/// Binds a socket with `bind` under a fresh name in the abstract namespace,
+/// `PREFIX/<pid>/<random>`, and returns it with its address (`@…`, as `NOTIFY_SOCKET` and
+/// `REBORN_HANDOFF_SOCKET` write it). A name already taken (by chance, or by someone
+/// guessing) is drawn again, up to 8 times.
+#[cfg(reborn_linux)]
+pub(crate) fn bind_abstract<S>(
+    prefix: &str,
+    bind: impl Fn(&std::os::unix::net::SocketAddr) -> io::Result<S>,
+) -> io::Result<(S, OsString)> {
+    use std::os::linux::net::SocketAddrExt;
+    let mut attempts = 0;
+    loop {
+        let name = format!("{prefix}/{}/{:016x}", std::process::id(), random_u64()?);
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        match bind(&addr) {
+            Ok(socket) => return Ok((socket, format!("@{name}").into())),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts < 8 => attempts += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Eight random bytes from the kernel.
+#[cfg(reborn_linux)]
 fn random_u64() -> io::Result<u64> {
     let mut bytes = [0u8; 8];
     let mut filled = 0;
@@ -540,6 +610,7 @@ mod tests {
         assert!(!dir.exists(), "the directory goes with the receiver");
     }
 
+    #[cfg(reborn_linux)]
     #[tokio::test]
     async fn receive_from_abstract_socket() {
         let rx = NotifyReceiver::new_abstract().unwrap();
@@ -564,10 +635,11 @@ mod tests {
     async fn a_barrier_is_read_and_its_descriptor_closed() {
         use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
         use std::io::Read;
-        for rx in [
-            NotifyReceiver::new().unwrap(),
-            NotifyReceiver::new_abstract().unwrap(),
-        ] {
+        #[cfg_attr(not(reborn_linux), allow(unused_mut))]
+        let mut receivers = vec![NotifyReceiver::new().unwrap()];
+        #[cfg(reborn_linux)]
+        receivers.push(NotifyReceiver::new_abstract().unwrap());
+        for rx in receivers {
             let addr = rx.address();
             send(&addr, "READY=1\n").unwrap();
             let (read_end, write_end) = nix::unistd::pipe().unwrap();

@@ -143,6 +143,7 @@ pub(crate) async fn watch(
     match verdict {
         Verdict::Passed | Verdict::CutShort(_) => {
             inner.probation.end();
+            inner.handoff.open();
             match verdict {
                 Verdict::CutShort(why) => {
                     tracing::info!(successor = pid, "probation of pid {pid} ended early: {why}")
@@ -155,8 +156,13 @@ pub(crate) async fn watch(
             Ok(upgraded)
         }
         Verdict::Died(status, after) => {
+            // Serving again first, then no next generation: the other way round, a
+            // response made in between would be a drain's without a handoff, and say
+            // `Connection: close` to a client that had no reason to reconnect.
+            let resumed = inner.drain.resume();
+            inner.handoff.close();
             let me = std::process::id();
-            if !inner.drain.resume() {
+            if !resumed {
                 inner.probation.end();
                 let error = UpgradeError::DiedOnProbation {
                     pid,

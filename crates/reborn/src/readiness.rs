@@ -118,13 +118,30 @@ fn announce(inner: &Arc<Inner>) {
         record_pid(inner, pid);
     }
     let status = format!("STATUS=serving on {}\n", addrs.join(", "));
+    // First the channel on which the previous generation (or, under the master, the
+    // previous worker) hands over its idle connections: it takes it once READY=1 is read.
+    inner.handoff.connect_previous(inner.config.tcp_nodelay);
     if let Some(manager) = inner.notify.manager() {
-        tell(manager, &format!("MAINPID={pid}\nREADY=1\n{status}"));
+        // Under the master: where the worker that replaces this one gets its connections.
+        let handoff = match inner.master_pid {
+            Some(_) if inner.config.hand_over_idle => inner
+                .handoff
+                .own_address()
+                .map(|a| format!("REBORN_HANDOFF_SOCKET={}\n", a.to_string_lossy()))
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        tell(
+            manager,
+            &format!("MAINPID={pid}\nREADY=1\n{status}{handoff}"),
+        );
     }
     if let Some(previous) = inner.notify.previous_generation() {
         tell(previous, &format!("READY=1\nMAINPID={pid}\n{status}"));
     }
     tracing::info!(pid, "ready: serving on {}", addrs.join(", "));
+    // After `READY=1`, so that a new generation's start-up does not wait for it.
+    inner.files.fill();
 }
 
 /// Writes `pid` to `path` atomically (a temporary file renamed over it).

@@ -5,7 +5,7 @@
 //! preface (h2c, prior knowledge) and otherwise speaks HTTP/1.1. Each connection runs in
 //! its own task under the policy of [`crate::drain`].
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -98,7 +98,7 @@ impl Reborn {
         S: HttpService<B>,
         B: HttpBody,
     {
-        self.serve_with(listener, |conn| std::future::ready(Ok(conn)), service)
+        self.serve_impl(listener, |conn| std::future::ready(Ok(conn)), service, true)
             .await
     }
 
@@ -137,10 +137,32 @@ impl Reborn {
         S: HttpService<B>,
         B: HttpBody,
     {
+        self.serve_impl(listener, handshake, service, false).await
+    }
+
+    /// `serve_with`; `plain`: the handshake hands the connection on as it is, so that an
+    /// idle one can be handed to the next generation (see [`crate::handoff`]).
+    async fn serve_impl<H, F, IO, S, B>(
+        &self,
+        listener: Listener,
+        handshake: H,
+        service: S,
+        plain: bool,
+    ) -> Result<()>
+    where
+        H: Fn(Connection) -> F + Send + Sync + 'static,
+        F: std::future::Future<Output = std::io::Result<IO>> + Send + 'static,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: HttpService<B>,
+        B: HttpBody,
+    {
         let inner = &self.inner;
         inner.start()?;
         let _serving = ActiveServe::count(inner);
         let addr = listener.local_addr();
+        // Handed-over connections are matched to their listener by name (or address).
+        let key: Arc<str> = listener.name().unwrap_or(&addr).into();
+        let handoff = (plain && inner.config.hand_over_idle).then(|| key.clone());
         let accepting = match listener.into_socket() {
             ListenerSocket::Tcp(l) => tokio::net::TcpListener::from_std(l).map(Accepting::Tcp),
             ListenerSocket::Unix(l) => tokio::net::UnixListener::from_std(l).map(Accepting::Unix),
@@ -161,14 +183,18 @@ impl Reborn {
             handshake: Arc::new(handshake),
             inner: inner.clone(),
             tracker: TaskTracker::new(),
+            handoff,
         };
         let mut phase = inner.drain.shutdown().receiver();
         let mut failures = AcceptFailures::default();
+        // Connections the previous generation hands over, served as if accepted here.
+        let mut handed = inner.handoff.open_inbox(&key);
         inner.serving_one();
         loop {
             let accepted = tokio::select! {
                 biased;
                 _ = phase.wait_for(|p| *p != Phase::Serving) => None,
+                Some(conn) = handed.recv() => Some(Ok(conn)),
                 accepted = accepting.accept(inner.config.tcp_nodelay) => Some(accepted),
             };
             match accepted {
@@ -189,6 +215,12 @@ impl Reborn {
                 }
                 None => break,
             }
+        }
+        // What is handed over from now on is refused, and stays with the previous
+        // generation; what was already taken is served.
+        inner.handoff.close_inbox(&key);
+        while let Ok(conn) = handed.try_recv() {
+            conns.spawn(conn);
         }
         if inner.drain.reason() == Some(DrainReason::Shutdown)
             && inner.drain.phase() == Phase::Draining
@@ -221,7 +253,22 @@ impl Reborn {
         // An upgrade still deciding must finish (commit, or stop the new process) before
         // this process may exit: a new process must never be left serving unwatched.
         drop(inner.upgrade_lock.lock().await);
-        tracing::info!(addr = %addr, "drained");
+        let counts = &inner.handoff.counts;
+        let handed_over = counts
+            .handed_over
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let fell_back = counts.fell_back.load(std::sync::atomic::Ordering::Relaxed);
+        if handed_over + fell_back > 0 {
+            tracing::info!(
+                addr = %addr,
+                handed_over,
+                fell_back,
+                "drained: {handed_over} idle connection(s) handed to the next generation, \
+                 {fell_back} kept and closed here"
+            );
+        } else {
+            tracing::info!(addr = %addr, "drained");
+        }
         match inner.ready_failure() {
             Some(refusal) => Err(refusal.into_error()),
             None => Ok(()),
@@ -286,6 +333,36 @@ impl Connection {
     /// already broken.
     pub fn info(&self) -> Option<crate::ConnectionInfo> {
         crate::ConnectionInfo::of(self)
+    }
+
+    /// A connection the previous generation handed over (see [`crate::handoff`]): a TCP
+    /// or Unix stream socket, by its address family.
+    pub(crate) fn from_received(socket: OwnedFd, nodelay: bool) -> std::io::Result<Connection> {
+        let tcp = socket2::SockRef::from(&socket)
+            .local_addr()?
+            .as_socket()
+            .is_some();
+        if tcp {
+            let stream = std::net::TcpStream::from(socket);
+            stream.set_nonblocking(true)?;
+            Ok(Connection::tcp(
+                tokio::net::TcpStream::from_std(stream)?,
+                nodelay,
+            ))
+        } else {
+            let stream = std::os::unix::net::UnixStream::from(socket);
+            stream.set_nonblocking(true)?;
+            Ok(Connection::Unix(tokio::net::UnixStream::from_std(stream)?))
+        }
+    }
+
+    /// The socket's descriptor (held by this connection while it lives).
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Connection::Tcp(s) => s.as_raw_fd(),
+            Connection::Unix(s) => s.as_raw_fd(),
+        }
     }
 }
 
@@ -381,6 +458,8 @@ struct Connections<H, S> {
     handshake: Arc<H>,
     inner: Arc<Inner>,
     tracker: TaskTracker,
+    /// The listener's key, when idle connections may be handed to the next generation.
+    handoff: Option<Arc<str>>,
 }
 
 impl<H, S> Connections<H, S> {
@@ -406,6 +485,11 @@ impl<H, S> Connections<H, S> {
             .watch(crate::peer::ConnectionInfo::describe(info.as_ref()));
         let mut extensions = info.map(|i| i.extensions()).unwrap_or_default();
         extensions.insert(phase.draining(self.inner.eviction_window()));
+        let handoff = self.handoff.as_ref().map(|key| crate::drain::HandoffPlan {
+            fd: conn.raw_fd(),
+            key: key.clone(),
+            handoff: self.inner.handoff.clone(),
+        });
         let handshake = (self.handshake)(conn);
         // Counts the connection after an upgrade too, while the application holds it.
         let counted = self.tracker.token();
@@ -424,8 +508,13 @@ impl<H, S> Connections<H, S> {
                 },
                 () = shutdown.hammered() => return,
             };
-            crate::drain::serve_connection(builder, io, service, phase, timing, extensions, counted)
-                .await
+            let setup = crate::drain::ConnSetup {
+                timing,
+                extensions,
+                counted,
+                handoff,
+            };
+            crate::drain::serve_connection(builder, io, service, phase, setup).await
         });
     }
 }

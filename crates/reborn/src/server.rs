@@ -43,6 +43,15 @@ const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long after the hammer a process may take to finish before it exits anyway.
 const DEFAULT_HAMMER_GRACE: Duration = Duration::from_secs(5);
 
+/// What [`Reborn::handoff_counts`] says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HandoffCounts {
+    /// Connections handed to the next generation.
+    pub handed_over: u64,
+    /// Connections whose handoff failed, drained here instead.
+    pub fell_back: u64,
+}
+
 /// The exit status of a process that could not finish its drain by the hammer grace.
 pub const EXIT_DRAIN_OVERRUN: i32 = 75;
 
@@ -63,6 +72,9 @@ pub(crate) struct Config {
     pub(crate) close_unclaimed: bool,
     pub(crate) header_read_timeout: Option<Duration>,
     pub(crate) eviction_window: Option<Duration>,
+    pub(crate) hand_over_idle: bool,
+    pub(crate) shutdown_delay: Duration,
+    pub(crate) shutdown_delay_signal: Signal,
 }
 
 impl Default for Config {
@@ -76,6 +88,7 @@ impl Default for Config {
             backlog: DEFAULT_BACKLOG,
             ready_mode: ReadyMode::Auto,
             upgrade_on_sighup: true,
+            hand_over_idle: true,
             tcp_nodelay: true,
             executable: None,
             probation: crate::probation::DEFAULT_PROBATION,
@@ -83,6 +96,8 @@ impl Default for Config {
             close_unclaimed: false,
             header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
             eviction_window: None,
+            shutdown_delay: Duration::ZERO,
+            shutdown_delay_signal: Signal::Term,
         }
     }
 }
@@ -167,6 +182,75 @@ impl Builder {
     /// program does after serving is its own business.
     pub fn hammer_grace(mut self, grace: Duration) -> Self {
         self.config.hammer_grace = grace;
+        self
+    }
+
+    /// Whether an upgrade hands idle plain HTTP/1.1 keep-alive connections to the new
+    /// generation (their sockets move, with whatever the client sent meanwhile), instead
+    /// of closing them after the idle grace. Default on.
+    ///
+    /// The client keeps its connection: no reconnect, and no request racing a close. A
+    /// connection is handed over once it is between requests with nothing half-read;
+    /// one busy with a request is handed after its response. Connections that are not
+    /// handed keep the usual drain (`Connection: close`, the idle grace): TLS and
+    /// HTTP/2 connections, upgraded ones, connections of [`Reborn::serve_with`],
+    /// connections whose client sent a request body or pipelined requests, all
+    /// connections at a shutdown (there is no next generation), connections of a listener
+    /// whose name (or, unnamed, address) is longer than 55 bytes (a long Unix socket
+    /// path), and any connection whose handoff failed (the new generation died or
+    /// refused it). Between reborn processes
+    /// only: after a self-upgrade, and under the reborn master between two workers built
+    /// on reborn (the master passes the old worker's handoff socket on to the new one);
+    /// under systemd alone (`systemctl restart`), the usual drain applies.
+    /// [`Reborn::handoff_counts`] says how many were handed over and how many fell back.
+    ///
+    /// Connections move once the new generation has passed its
+    /// [probation](Builder::probation): one that dies in it takes none with it. With
+    /// probation off, they move at once, and a new generation that dies just after takes
+    /// the ones it was handed (their clients see the connection close and reconnect).
+    pub fn hand_over_idle_connections(mut self, on: bool) -> Self {
+        self.config.hand_over_idle = on;
+        self
+    }
+
+    /// How long the process keeps serving after `SIGTERM`, before it drains. Default zero
+    /// (drain at once).
+    ///
+    /// For instances behind a load balancer that are *replaced* (a Kubernetes rolling
+    /// update, a host drained, scaling in): the balancer keeps sending traffic for a
+    /// while after the instance is told to stop, until its health check or endpoint list
+    /// catches up, and an instance that stops accepting at once refuses those
+    /// connections. During the delay the process accepts and serves as before, while its
+    /// readiness endpoint ([`Reborn::readiness`]) answers `503` and the service manager
+    /// is told `STATUS=shutting down…`; then it drains as on any graceful shutdown. Make
+    /// it longer than the balancer needs to see a failing check (its interval times its
+    /// fall count, plus any propagation), and keep the stop timeout of whatever sends
+    /// the signal (`terminationGracePeriodSeconds`, `TimeoutStopSec=`) above the delay
+    /// plus the [drain deadline](Builder::drain_timeout). See `docs/fleet.md`.
+    ///
+    /// The delay never holds up an upgrade (`SIGHUP`, and the stop signal the reborn
+    /// master sends a worker it has replaced). During it, the delayed signal again,
+    /// `SIGINT` or [`Reborn::shutdown`] drain at once, `SIGUSR2` closes everything, and
+    /// `SIGHUP` does not upgrade a process that is shutting down.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    ///
+    /// let reborn = reborn::Reborn::builder()
+    ///     .shutdown_delay(Duration::from_secs(5))
+    ///     .build()?;
+    /// # Ok::<(), reborn::Error>(())
+    /// ```
+    pub fn shutdown_delay(mut self, delay: Duration) -> Self {
+        self.config.shutdown_delay = delay;
+        self
+    }
+
+    /// Which signal the [shutdown delay](Builder::shutdown_delay) applies to. Default
+    /// [`Signal::Term`] (what Kubernetes, Docker and systemd send); [`Signal::Int`] also
+    /// works. Any other signal is refused by [`build`](Builder::build).
+    pub fn shutdown_delay_signal(mut self, signal: Signal) -> Self {
+        self.config.shutdown_delay_signal = signal;
         self
     }
 
@@ -328,6 +412,16 @@ impl Builder {
     /// # Errors
     /// A malformed socket-activation environment ([`Error::Activation`]).
     pub fn build(self) -> Result<Reborn> {
+        if !matches!(
+            self.config.shutdown_delay_signal,
+            Signal::Term | Signal::Int
+        ) {
+            return Err(Error::Config(format!(
+                "shutdown_delay_signal({}): only SIGTERM and SIGINT start a shutdown; use \
+                 Signal::Term or Signal::Int",
+                self.config.shutdown_delay_signal
+            )));
+        }
         let env = crate::take_process_env()?;
         match &env.ignored {
             Some(crate::activation::Ignored::OtherPid(pid)) => crate::log::warning!(
@@ -368,17 +462,27 @@ impl Builder {
                 started_by_upgrade: env.started_by_upgrade,
             },
             master_pid: env.master_pid,
+            master_probation: env.master_probation,
             drain: Arc::new(DrainControl::new()),
             ready: AtomicBool::new(false),
             serving: AtomicUsize::new(0),
             active_serves: AtomicUsize::new(0),
             hammer_watch: AtomicBool::new(false),
             sigint_seen: AtomicBool::new(false),
+            delaying: AtomicBool::new(false),
             started: OnceLock::new(),
             on_terminal: crate::signals::on_terminal(),
             upgrade_lock: tokio::sync::Mutex::new(()),
             files: crate::files::Reserve::new(),
+            replaces_previous: env.started_by_upgrade || env.handoff_socket.is_some(),
+            handoff: Arc::new(crate::handoff::Handoff::new(env.handoff_socket)),
         };
+        // A first process takes its reserve now, so that its descriptors are what they
+        // will stay from its first answer on; a process that replaces another takes it
+        // after its READY=1, off the path of the handoff (see `readiness::announce`).
+        if !inner.replaces_previous {
+            inner.files.fill();
+        }
         Ok(Reborn {
             inner: Arc::new(inner),
         })
@@ -443,6 +547,8 @@ pub(crate) struct Inner {
     pub(crate) listeners: Mutex<ListenerSet>,
     pub(crate) notify: NotifyTargets,
     pub(crate) master_pid: Option<u32>,
+    /// The master's probation of new workers, under the master.
+    master_probation: Option<Duration>,
     pub(crate) drain: Arc<DrainControl>,
     pub(crate) ready: AtomicBool,
     pub(crate) serving: AtomicUsize,
@@ -451,12 +557,20 @@ pub(crate) struct Inner {
     /// Whether the watch that ends the process after the hammer runs.
     hammer_watch: AtomicBool,
     sigint_seen: AtomicBool,
+    /// In the shutdown delay: serving, and reporting not ready.
+    delaying: AtomicBool,
     started: OnceLock<()>,
     /// Which of stdin, stdout, stderr were terminals at start-up.
     on_terminal: [bool; 3],
     pub(crate) upgrade_lock: tokio::sync::Mutex<()>,
     /// Descriptors held back so that a process at its open-files limit can still upgrade.
     pub(crate) files: crate::files::Reserve,
+    /// Started to take over from a previous generation that still serves (a
+    /// self-upgrade, or a worker the reborn master started to replace one built on
+    /// reborn).
+    replaces_previous: bool,
+    /// Idle connections handed to the next generation, or taken from the previous one.
+    pub(crate) handoff: Arc<crate::handoff::Handoff>,
 }
 
 impl Inner {
@@ -476,6 +590,7 @@ impl Inner {
         if !self.drain.claim(reason) {
             return false;
         }
+        self.delaying.store(false, Ordering::SeqCst);
         match reason {
             DrainReason::Upgraded { successor } => {
                 tracing::info!(
@@ -511,11 +626,16 @@ impl Inner {
             .spawn(move || {
                 std::thread::sleep(deadline);
                 // A drain this process resumed from (probation) has no deadline any more.
-                if inner.drain.epoch() == epoch && inner.drain.hammer() {
+                if inner.drain.epoch() != epoch || inner.drain.phase() == Phase::Hammer {
+                    return;
+                }
+                // Said before it is done: once the connections are closed, `serve`
+                // returns and the process may exit before this thread writes a word.
+                crate::log::warning!(
+                    "drain deadline of {deadline:?} reached: closing the connections that are left"
+                );
+                if inner.drain.hammer() {
                     inner.probation.end();
-                    crate::log::warning!(
-                        "drain deadline of {deadline:?} reached: closing the connections that are left"
-                    );
                     inner.watch_after_hammer();
                 }
             });
@@ -597,6 +717,29 @@ impl Inner {
         }
     }
 
+    /// Under the reborn master, at the stop signal: if the worker that replaces this one
+    /// connected to this one's handoff socket, this drain is an upgrade's, and idle
+    /// connections go to it once the master's probation of it is over. Returns whether
+    /// the drain started so.
+    fn replaced_under_master(self: &Arc<Self>) -> bool {
+        let Some(master) = self.master_pid else {
+            return false;
+        };
+        let Some((sender, Some(successor))) = self.handoff.take_successor(master) else {
+            return false;
+        };
+        let probation = self.master_probation.unwrap_or_default();
+        self.handoff.set_outbox(sender, probation.is_zero());
+        if !probation.is_zero() {
+            let handoff = self.handoff.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(probation).await;
+                handoff.open();
+            });
+        }
+        self.begin_drain(DrainReason::Upgraded { successor })
+    }
+
     /// Ends a probation this process is waiting out, so that it finishes its drain.
     fn end_probation(&self, why: &str) {
         if self.probation.end() {
@@ -609,8 +752,12 @@ impl Inner {
     /// Closes everything now.
     pub(crate) fn hammer(self: &Arc<Self>) {
         self.probation.end();
+        if self.drain.phase() == Phase::Hammer {
+            return;
+        }
+        // Said first, for the reason the drain deadline says it first.
+        crate::log::warning!("hammer: closing every connection now");
         if self.drain.hammer() {
-            crate::log::warning!("hammer: closing every connection now");
             self.listeners().close_all();
             self.watch_after_hammer();
         }
@@ -637,6 +784,12 @@ impl Inner {
         }
         let inner = self.clone();
         handle.spawn(async move {
+            if let Err(e) = signals.start_thread() {
+                crate::log::error!(
+                    "cannot start the thread that receives signals: {e}; this process will \
+                     not act on SIGHUP, SIGTERM or the others (stop it with SIGKILL)"
+                );
+            }
             loop {
                 let signal = signals.recv().await;
                 // Nothing may end signal handling: a log line written to a terminal or a
@@ -720,7 +873,11 @@ impl Inner {
                 }
             }
             Signal::Hup => {
-                if let Some(master) = self.master_pid {
+                if self.delaying.load(Ordering::SeqCst) {
+                    tracing::info!(
+                        "SIGHUP ignored: this process is shutting down (in its shutdown delay)"
+                    );
+                } else if let Some(master) = self.master_pid {
                     tracing::info!(
                         "SIGHUP ignored: this process runs under the reborn master (pid {master}), \
                          which does the upgrades; send SIGHUP to the master or run `reborn upgrade`"
@@ -745,7 +902,7 @@ impl Inner {
             Signal::Term => {
                 if self.probation.is_running() {
                     self.end_probation("SIGTERM");
-                } else if !self.begin_drain(DrainReason::Shutdown) {
+                } else if !self.replaced_under_master() && !self.shut_down(signal) {
                     tracing::info!("already draining; send SIGUSR2 to close connections now");
                 }
             }
@@ -755,7 +912,10 @@ impl Inner {
                 let again = self.sigint_seen.swap(true, Ordering::SeqCst);
                 if self.probation.is_running() {
                     self.end_probation("SIGINT");
-                } else if !self.begin_drain(DrainReason::Shutdown) && again {
+                } else if !again && self.replaced_under_master() {
+                    // The master's stop signal (`reborn run --stop-signal SIGINT`), as
+                    // SIGTERM above.
+                } else if !self.shut_down(signal) && again {
                     self.hammer();
                 }
             }
@@ -763,6 +923,75 @@ impl Inner {
             Signal::Usr1 | Signal::Tstp => {}
         }
         self.hooks.run(signal, When::After);
+    }
+
+    /// A shutdown asked for by `signal`: the drain now, or first the shutdown delay if
+    /// `signal` is the delayed one. Returns false if the drain had already started.
+    fn shut_down(self: &Arc<Self>, signal: Signal) -> bool {
+        let delay = self.config.shutdown_delay;
+        if self.delaying.load(Ordering::SeqCst) {
+            tracing::info!("{signal} during the shutdown delay: draining now");
+            return self.begin_drain(DrainReason::Shutdown);
+        }
+        if delay.is_zero()
+            || signal != self.config.shutdown_delay_signal
+            || self.drain.phase() != Phase::Serving
+            || self.drain.reason().is_some()
+        {
+            return self.begin_drain(DrainReason::Shutdown);
+        }
+        self.delaying.store(true, Ordering::SeqCst);
+        tracing::info!(
+            "{signal}: shutting down in {delay:?}; serving until then, and the readiness \
+             endpoint answers 503 (send {signal} again to drain now)"
+        );
+        if let Some(manager) = self.notify.manager() {
+            crate::readiness::tell(
+                manager,
+                &format!("STATUS=shutting down in {delay:?}: serving, not ready\n"),
+            );
+        }
+        // A thread, as for the drain deadline: a blocked runtime must not keep the
+        // process serving past its delay.
+        let inner = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("reborn-shutdown-delay".into())
+            .spawn(move || {
+                std::thread::sleep(delay);
+                if inner.delaying.load(Ordering::SeqCst) {
+                    inner.begin_drain(DrainReason::Shutdown);
+                }
+            });
+        if let Err(e) = spawned {
+            crate::log::error!(
+                "cannot start the thread that keeps the shutdown delay ({e}): draining now"
+            );
+            return self.begin_drain(DrainReason::Shutdown);
+        }
+        true
+    }
+
+    /// Whether this address should get traffic (see [`crate::health`]).
+    pub(crate) fn health(&self) -> crate::health::Health {
+        use crate::health::Health;
+        if self.delaying.load(Ordering::SeqCst) {
+            return Health::ShuttingDown;
+        }
+        match self.drain.reason() {
+            // The successor serves this address.
+            Some(DrainReason::Upgraded { .. }) => Health::Ready,
+            Some(DrainReason::Shutdown) => Health::ShuttingDown,
+            None if self.drain.phase() == Phase::Hammer => Health::ShuttingDown,
+            // Before its own `READY=1`, a new generation stands in for a previous one
+            // that still serves.
+            None if self.ready.load(Ordering::SeqCst) || self.replaces_previous => Health::Ready,
+            None => Health::Starting,
+        }
+    }
+
+    /// Whether the shutdown delay runs.
+    pub(crate) fn in_shutdown_delay(&self) -> bool {
+        self.delaying.load(Ordering::SeqCst)
     }
 
     /// One more listener is being served; in auto mode, report ready once all are.
@@ -859,14 +1088,40 @@ impl Reborn {
         crate::upgrade::upgrade(&self.inner).await
     }
 
-    /// Starts a graceful shutdown, as `SIGTERM` does.
+    /// Starts a graceful shutdown now, as `SIGTERM` does without a
+    /// [shutdown delay](Builder::shutdown_delay) (and ends one that runs).
     pub fn shutdown(&self) {
         self.inner.begin_drain(DrainReason::Shutdown);
+    }
+
+    /// The readiness endpoint for a load balancer: `200` while this address should get
+    /// traffic, `503` from the [shutdown delay](Builder::shutdown_delay) on. See
+    /// [`crate::health`].
+    ///
+    /// ```no_run
+    /// # fn example(reborn: reborn::Reborn) {
+    /// let app: axum::Router = axum::Router::new().route_service("/readyz", reborn.readiness());
+    /// # }
+    /// ```
+    pub fn readiness(&self) -> crate::health::Readiness {
+        crate::health::Readiness::new(self.inner.clone())
     }
 
     /// Closes every connection now, as `SIGUSR2` does.
     pub fn hammer(&self) {
         self.inner.hammer();
+    }
+
+    /// How many idle keep-alive connections this process handed to the next generation,
+    /// and how many it meant to hand but kept (the handoff failed: the new generation
+    /// died, or refused them) and drained as usual. See
+    /// [`Builder::hand_over_idle_connections`].
+    pub fn handoff_counts(&self) -> HandoffCounts {
+        let counts = &self.inner.handoff.counts;
+        HandoffCounts {
+            handed_over: counts.handed_over.load(Ordering::Relaxed),
+            fell_back: counts.fell_back.load(Ordering::Relaxed),
+        }
     }
 
     /// A view of the drain, for servers with their own accept loop.

@@ -8,15 +8,21 @@
 //! | `SIGUSR1`, `SIGTSTP` | user hooks only |
 //!
 //! Handlers are installed before the process reports ready, so a signal never finds a
-//! ready process without them. tokio coalesces signals of one kind: a second `SIGTERM`
-//! during a drain is one more event, handled on purpose (it is logged; a second `SIGINT`,
-//! the impatient Ctrl-C, hammers).
+//! ready process without them. Signals of one kind coalesce while one is pending: a second
+//! `SIGTERM` during a drain is one more event, handled on purpose (it is logged; a second
+//! `SIGINT`, the impatient Ctrl-C, hammers).
+//!
+//! Why a thread: a signal handled by the runtime (`tokio::signal`) is only seen when a
+//! worker polls the runtime's I/O driver. A handler that blocks the worker that was
+//! about to poll it (while the other workers sleep, with nothing to do) leaves nobody
+//! listening, and `SIGHUP` or `SIGTERM` would wait for that handler. The signals arrive
+//! instead on a thread of reborn's own (`reborn-signals`, through `signal-hook`), which
+//! hands each one to the task that acts on it: a task woken from outside the runtime
+//! wakes a sleeping worker, which then polls the driver for what the action needs.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-
-use tokio::signal::unix::{SignalKind, signal};
 
 /// The signals reborn acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,15 +53,19 @@ impl Signal {
         Signal::Tstp,
     ];
 
-    fn kind(self) -> SignalKind {
+    fn number(self) -> libc::c_int {
         match self {
-            Signal::Hup => SignalKind::hangup(),
-            Signal::Int => SignalKind::interrupt(),
-            Signal::Term => SignalKind::terminate(),
-            Signal::Usr1 => SignalKind::user_defined1(),
-            Signal::Usr2 => SignalKind::user_defined2(),
-            Signal::Tstp => SignalKind::from_raw(libc::SIGTSTP),
+            Signal::Hup => libc::SIGHUP,
+            Signal::Int => libc::SIGINT,
+            Signal::Term => libc::SIGTERM,
+            Signal::Usr1 => libc::SIGUSR1,
+            Signal::Usr2 => libc::SIGUSR2,
+            Signal::Tstp => libc::SIGTSTP,
         }
+    }
+
+    fn from_number(number: libc::c_int) -> Option<Signal> {
+        Signal::ALL.into_iter().find(|s| s.number() == number)
     }
 }
 
@@ -127,35 +137,62 @@ impl Hooks {
     }
 }
 
-/// A stream of the signals reborn acts on, merged.
+/// The signals reborn acts on, as they arrive on the `reborn-signals` thread.
 pub(crate) struct Signals {
-    streams: Vec<(Signal, tokio::signal::unix::Signal)>,
+    /// The registered handlers, until the thread that reads them starts.
+    incoming: Option<signal_hook::iterator::Signals>,
+    tx: tokio::sync::mpsc::UnboundedSender<Signal>,
+    received: tokio::sync::mpsc::UnboundedReceiver<Signal>,
 }
 
 impl Signals {
-    /// Installs the handlers. Needs a tokio runtime.
+    /// Installs the handlers: from here on no signal is lost (it waits in the handlers'
+    /// pipe until [`start_thread`](Self::start_thread)).
     pub(crate) fn install(hooks: &Hooks) -> std::io::Result<Signals> {
-        let mut streams = Vec::new();
-        for s in Signal::ALL {
-            if s == Signal::Tstp && !hooks.has(s) {
-                continue;
-            }
-            streams.push((s, signal(s.kind())?));
-        }
-        Ok(Signals { streams })
+        let numbers: Vec<libc::c_int> = Signal::ALL
+            .into_iter()
+            // Ctrl-Z still suspends a process that has no SIGTSTP hook.
+            .filter(|s| *s != Signal::Tstp || hooks.has(*s))
+            .map(Signal::number)
+            .collect();
+        let incoming = signal_hook::iterator::Signals::new(&numbers)?;
+        let (tx, received) = tokio::sync::mpsc::unbounded_channel();
+        Ok(Signals {
+            incoming: Some(incoming),
+            tx,
+            received,
+        })
     }
 
-    /// The next signal received.
-    pub(crate) async fn recv(&mut self) -> Signal {
-        std::future::poll_fn(|cx| {
-            for (s, stream) in self.streams.iter_mut() {
-                if let std::task::Poll::Ready(Some(())) = stream.poll_recv(cx) {
-                    return std::task::Poll::Ready(*s);
+    /// Starts the thread that receives the signals (once). Starting a thread takes a
+    /// fraction of a millisecond: this runs in the signal task, beside the start-up,
+    /// not on its way to `READY=1`.
+    pub(crate) fn start_thread(&mut self) -> std::io::Result<()> {
+        let Some(mut incoming) = self.incoming.take() else {
+            return Ok(());
+        };
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name("reborn-signals".into())
+            .spawn(move || {
+                for number in incoming.forever() {
+                    let Some(signal) = Signal::from_number(number) else {
+                        continue;
+                    };
+                    if tx.send(signal).is_err() {
+                        break;
+                    }
                 }
-            }
-            std::task::Poll::Pending
-        })
-        .await
+            })?;
+        Ok(())
+    }
+
+    /// The next signal received (never ends: the thread lives as long as the process).
+    pub(crate) async fn recv(&mut self) -> Signal {
+        match self.received.recv().await {
+            Some(signal) => signal,
+            None => std::future::pending().await,
+        }
     }
 }
 

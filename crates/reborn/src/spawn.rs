@@ -19,6 +19,12 @@
 //!   runs on a small stack of its own in the parent's memory until it execs, so a large
 //!   server pays no copy (about 1 ms less per upgrade, measured); it is waited for through
 //!   a pidfd from tokio. The self-upgrade uses it.
+//!
+//! On other systems (and on Linux with the `portable` feature) `spawn` is a plain `fork`
+//! and `exec`, with the exec's error sent back over a close-on-exec pipe as std does; the
+//! child is waited for with `waitpid` each time `SIGCHLD` arrives; a pinned program is
+//! executed as `/dev/fd/N`; and [`SpawnSpec::parent_death_signal`], which has no
+//! equivalent there, is Linux's alone.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -149,7 +155,8 @@ impl<'fd> SpawnSpec<'fd> {
     /// when the child starts, the child exits at once.
     ///
     /// The signal follows the spawning *thread*: spawn from a thread that lives as long
-    /// as the parent does.
+    /// as the parent does. Linux only: other systems have no such request, and the child
+    /// outlives a parent that is killed.
     pub fn parent_death_signal(mut self, signal: libc::c_int, parent: libc::pid_t) -> Self {
         self.parent_death_signal = Some((signal, parent));
         self
@@ -193,6 +200,11 @@ struct ExecPlan {
     moved: Vec<RawFd>,
     /// The open file to execute instead of `program`, and whether it is a script.
     program_fd: Option<(RawFd, bool)>,
+    /// Without `execveat`: a copy of the program's fd, made in the parent above the
+    /// target range, and its `/dev/fd/N` path to execute.
+    #[cfg(not(reborn_linux))]
+    program_path_fd: Option<(OwnedFd, CString)>,
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code, reason = "Linux's alone"))]
     parent_death_signal: Option<(libc::c_int, libc::pid_t)>,
     /// Placeholders on the parent's free fds in the target range, held until the
     /// `Command` is dropped (after its spawn): std opens the pipe on which the child
@@ -269,7 +281,22 @@ impl ExecPlan {
         } else {
             Vec::new()
         };
+        #[cfg(not(reborn_linux))]
+        let program_path_fd = match spec.program_fd {
+            Some((fd, _)) => {
+                let above = LISTEN_FDS_START + sources.len() as RawFd;
+                let copy = fcntl_dup_cloexec(fd.as_raw_fd(), above)?;
+                let path = cstring(
+                    format!("/dev/fd/{}", copy.as_raw_fd()).as_bytes(),
+                    "the program path",
+                )?;
+                Some((copy, path))
+            }
+            None => None,
+        };
         Ok(ExecPlan {
+            #[cfg(not(reborn_linux))]
+            program_path_fd,
             program,
             _argv_owned: argv_owned,
             _envp_owned: envp_owned,
@@ -286,6 +313,7 @@ impl ExecPlan {
 
     /// Runs in the child. Returns only on failure.
     fn exec_in_child(&mut self) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
         if let Some((signal, parent)) = self.parent_death_signal {
             // SAFETY: prctl and getppid are async-signal-safe system calls.
             unsafe {
@@ -301,6 +329,7 @@ impl ExecPlan {
         let n = self.sources.len() as RawFd;
         let first_free = LISTEN_FDS_START + n;
         // The program's fd goes above the target range too, where no dup2 below lands.
+        #[cfg(reborn_linux)]
         let program_fd = match self.program_fd {
             Some((src, script)) => {
                 // SAFETY: fcntl is async-signal-safe; `src` is an fd the parent kept open.
@@ -314,6 +343,15 @@ impl ExecPlan {
             }
             None => None,
         };
+        // Without execveat, the copy made in the parent is already above the range.
+        #[cfg(not(reborn_linux))]
+        if let (Some((copy, _)), Some((_, true))) = (&self.program_path_fd, self.program_fd) {
+            // SAFETY: fcntl is async-signal-safe; the copy is open in this child. A
+            // script's interpreter opens `/dev/fd/N` after the exec: that fd must survive.
+            if unsafe { libc::fcntl(copy.as_raw_fd(), libc::F_SETFD, 0) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         // First move every source above the target range, so that no dup2 below can
         // overwrite a source that is still to be placed.
         for (slot, src) in self.moved.iter_mut().zip(&self.sources) {
@@ -341,6 +379,7 @@ impl ExecPlan {
             let pid = unsafe { libc::getpid() };
             write_decimal(&mut buf[LISTEN_PID_PREFIX.len()..], pid as u64);
         }
+        #[cfg(reborn_linux)]
         if let Some(fd) = program_fd {
             // SAFETY: execveat is a system call (async-signal-safe); the empty path is a
             // static NUL-terminated string and the arrays are as for execve below.
@@ -356,17 +395,32 @@ impl ExecPlan {
             }
             return Err(io::Error::last_os_error());
         }
+        #[cfg(not(reborn_linux))]
+        let program = match &self.program_path_fd {
+            Some((_, path)) => path,
+            None => &self.program,
+        };
+        #[cfg(reborn_linux)]
+        let program = &self.program;
         // SAFETY: execve is async-signal-safe; the arrays are NUL-terminated and point
         // into strings owned by `self`, which outlives the call.
         unsafe {
-            libc::execve(
-                self.program.as_ptr(),
-                self.argv.as_ptr(),
-                self.envp.as_ptr(),
-            );
+            libc::execve(program.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr());
         }
         Err(io::Error::last_os_error())
     }
+}
+
+/// A close-on-exec copy of `fd` on the lowest free fd at or above `lowest`.
+#[cfg(not(reborn_linux))]
+fn fcntl_dup_cloexec(fd: RawFd, lowest: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC duplicates an fd the caller keeps open for the call.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, lowest) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
 }
 
 /// Puts a close-on-exec placeholder (`/dev/null`) on every free fd in `range`.
@@ -559,11 +613,16 @@ mod tests {
     }
 }
 
-/// A process started by [`SpawnSpec::spawn`]: its PID and a pidfd to wait for it with.
+/// A process started by [`SpawnSpec::spawn`]: its PID, and what tells when it exits (a
+/// pidfd on Linux, `SIGCHLD` elsewhere).
 #[derive(Debug)]
 pub struct SpawnedChild {
     pid: libc::pid_t,
+    #[cfg(reborn_linux)]
     pidfd: tokio::io::unix::AsyncFd<OwnedFd>,
+    /// `SIGCHLD`, registered before the child existed: its exit cannot be missed.
+    #[cfg(not(reborn_linux))]
+    exited: tokio::signal::unix::Signal,
     status: Option<std::process::ExitStatus>,
 }
 
@@ -575,31 +634,46 @@ impl SpawnedChild {
 
     /// Sends it `signal`, unless it has already been waited for.
     pub fn signal(&self, signal: libc::c_int) {
-        if self.status.is_none() {
-            // SAFETY: pidfd_send_signal on our own pidfd; no memory is passed.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    self.pidfd.get_ref().as_raw_fd(),
-                    signal,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                );
-            }
+        if self.status.is_some() {
+            return;
+        }
+        #[cfg(reborn_linux)]
+        // SAFETY: pidfd_send_signal on our own pidfd; no memory is passed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.get_ref().as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+        }
+        // Unreaped, so the PID is still this child's (a zombie's at worst).
+        #[cfg(not(reborn_linux))]
+        if let Ok(signal) = nix::sys::signal::Signal::try_from(signal) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), signal);
         }
     }
 
     /// Its exit status if it has exited (and reaps it), without waiting.
     pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
-        use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+        use nix::sys::wait::{WaitPidFlag, WaitStatus};
         use std::os::unix::process::ExitStatusExt;
         if let Some(status) = self.status {
             return Ok(Some(status));
         }
-        let fd = std::os::fd::AsFd::as_fd(self.pidfd.get_ref());
-        let status = match waitid(Id::PIDFd(fd), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG)
-            .map_err(io::Error::from)?
-        {
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG;
+        #[cfg(reborn_linux)]
+        let waited = {
+            let fd = std::os::fd::AsFd::as_fd(self.pidfd.get_ref());
+            nix::sys::wait::waitid(nix::sys::wait::Id::PIDFd(fd), flags)
+        };
+        #[cfg(not(reborn_linux))]
+        let waited = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(self.pid),
+            Some(flags - WaitPidFlag::WEXITED),
+        );
+        let status = match waited.map_err(io::Error::from)? {
             WaitStatus::Exited(_, code) => std::process::ExitStatus::from_raw((code & 0xff) << 8),
             WaitStatus::Signaled(_, sig, _) => std::process::ExitStatus::from_raw(sig as i32),
             _ => return Ok(None),
@@ -614,20 +688,19 @@ impl SpawnedChild {
             if let Some(status) = self.try_wait()? {
                 return Ok(status);
             }
-            let mut ready = self.pidfd.readable().await?;
-            ready.clear_ready();
+            #[cfg(reborn_linux)]
+            {
+                let mut ready = self.pidfd.readable().await?;
+                ready.clear_ready();
+            }
+            #[cfg(not(reborn_linux))]
+            if self.exited.recv().await.is_none() {
+                return Err(io::Error::other(
+                    "the runtime's signal driver has shut down: cannot wait for the child",
+                ));
+            }
         }
     }
-}
-
-/// The state a vfork-style child shares with its parent.
-struct VforkShared<'a> {
-    plan: &'a mut ExecPlan,
-    cwd: Option<&'a std::ffi::CStr>,
-    cwd_fd: Option<RawFd>,
-    errno: libc::c_int,
-    /// The failure was entering the working directory, not the exec.
-    chdir_failed: bool,
 }
 
 /// Starting a process failed because its working directory could not be entered; the
@@ -642,18 +715,143 @@ pub struct WorkingDirError {
     pub source: io::Error,
 }
 
+/// Why a child did not reach its program.
+#[derive(Debug, Clone, Copy)]
+struct ChildFailure {
+    errno: libc::c_int,
+    /// Entering the working directory failed, not the exec.
+    chdir_failed: bool,
+}
+
+impl ChildFailure {
+    fn into_error(self, dir: Option<&Path>) -> io::Error {
+        let source = io::Error::from_raw_os_error(self.errno);
+        if self.chdir_failed {
+            return io::Error::new(
+                source.kind(),
+                WorkingDirError {
+                    dir: dir.map(Path::to_path_buf).unwrap_or_default(),
+                    source,
+                },
+            );
+        }
+        source
+    }
+}
+
+/// What the child needs from the parent, prepared before it starts.
+struct ChildStart<'a> {
+    plan: &'a mut ExecPlan,
+    cwd: Option<&'a std::ffi::CStr>,
+    cwd_fd: Option<RawFd>,
+}
+
+impl ChildStart<'_> {
+    /// Runs in the child, whether it shares the parent's memory (vfork) or has a copy
+    /// (fork): resets signal handling, enters the working directory, and executes the
+    /// program. Returns only on failure.
+    ///
+    /// Only async-signal-safe system calls, on memory prepared before the child started.
+    /// Handlers are reset before signals are unblocked, so none of the parent's handlers
+    /// can run here; SIGPIPE goes back to its default as std does for children.
+    fn exec(&mut self) -> ChildFailure {
+        let errno = || {
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL)
+        };
+        // SAFETY: sigaction and sigprocmask on storage of this frame; chdir and fchdir
+        // on a NUL-terminated path and an fd the parent keeps open.
+        unsafe {
+            for sig in 1..=last_signal() {
+                let mut current: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut current) == 0
+                    && current.sa_sigaction != libc::SIG_DFL
+                    && (current.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
+                {
+                    let mut default: libc::sigaction = std::mem::zeroed();
+                    default.sa_sigaction = libc::SIG_DFL;
+                    libc::sigaction(sig, &default, std::ptr::null_mut());
+                }
+            }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            if let Some(dir) = self.cwd {
+                // The path first (a `current` symlink switched to a new release is
+                // followed), the directory held open if the path has gone.
+                if libc::chdir(dir.as_ptr()) != 0
+                    && self.cwd_fd.is_none_or(|fd| libc::fchdir(fd) != 0)
+                {
+                    return ChildFailure {
+                        errno: errno(),
+                        chdir_failed: true,
+                    };
+                }
+            }
+        }
+        let errno = match self.plan.exec_in_child() {
+            Err(e) => e.raw_os_error().unwrap_or(libc::EINVAL),
+            Ok(()) => libc::EINVAL,
+        };
+        ChildFailure {
+            errno,
+            chdir_failed: false,
+        }
+    }
+}
+
+/// The highest signal number whose handler the child may have to reset.
+fn last_signal() -> libc::c_int {
+    #[cfg(target_os = "linux")]
+    {
+        libc::SIGRTMAX()
+    }
+    // Past the last signal sigaction fails with EINVAL, which is harmless: enough for
+    // every BSD's real-time signals.
+    #[cfg(not(target_os = "linux"))]
+    {
+        128
+    }
+}
+
+/// Blocks every signal on this thread until dropped, so that no handler of the parent
+/// runs in a child before it has reset them.
+struct AllSignalsBlocked(libc::sigset_t);
+
+impl AllSignalsBlocked {
+    fn new() -> AllSignalsBlocked {
+        // SAFETY: sigset operations on local storage; pthread_sigmask on this thread.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            AllSignalsBlocked(old)
+        }
+    }
+}
+
+impl Drop for AllSignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores this thread's signal mask saved by `new`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
+}
+
 impl SpawnSpec<'_> {
     /// Starts the process the fast way, and returns a handle to wait for it from tokio.
     ///
     /// `fork` copies the page tables of a large, multi-threaded server, and std falls
-    /// back to it whenever a `pre_exec` step is needed; here the child runs on a small
-    /// stack of its own in the parent's memory (`clone(CLONE_VM | CLONE_VFORK)`, as
-    /// `posix_spawn` does) until it execs, doing only the async-signal-safe steps of
+    /// back to it whenever a `pre_exec` step is needed; here, on Linux, the child runs on
+    /// a small stack of its own in the parent's memory (`clone(CLONE_VM | CLONE_VFORK)`,
+    /// as `posix_spawn` does) until it execs, doing only the async-signal-safe steps of
     /// [`command`](Self::command), with every signal blocked around the clone and every
-    /// handler reset in the child. A failed `execve` is returned as this call's error.
-    /// Stdio is inherited. Needs a tokio runtime (the pidfd is registered with it).
+    /// handler reset in the child. Elsewhere (or with the `portable` feature) it is a
+    /// plain `fork`, as the [module](self) says. A failed `execve`, or a working directory
+    /// that cannot be entered ([`WorkingDirError`]), is returned as this call's error.
+    /// Stdio is inherited. Needs a tokio runtime (the child's exit is watched from it).
     pub fn spawn(&self) -> io::Result<SpawnedChild> {
-        // No pipe here: an exec error comes back through shared memory.
         let mut plan = ExecPlan::new(self, false)?;
         let cwd = match &self.cwd {
             Some(dir) => Some(cstring(
@@ -662,132 +860,196 @@ impl SpawnSpec<'_> {
             )?),
             None => None,
         };
-        let mut shared = VforkShared {
+        let start = ChildStart {
             plan: &mut plan,
             cwd: cwd.as_deref(),
             cwd_fd: self.cwd_fd.map(|fd| fd.as_raw_fd()),
-            errno: 0,
-            chdir_failed: false,
         };
-        let mut stack = vec![0u8; 256 * 1024];
-        // SAFETY: the stack grows down from its end; 16-byte alignment as the ABI wants.
-        let top = unsafe { stack.as_mut_ptr().add(stack.len()) } as usize & !15;
-        // SAFETY: sigset operations on local storage; pthread_sigmask on this thread.
-        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-        unsafe {
-            libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        }
-        // SAFETY: the child runs `vfork_child` on `stack` in this process's memory while
-        // this thread is suspended (CLONE_VFORK) until it execs or exits; it touches only
-        // `shared` (which outlives the call) and makes async-signal-safe system calls.
-        // All signals are blocked, so no handler of this process runs in the child.
-        let pid = unsafe {
-            libc::clone(
-                vfork_child,
-                top as *mut libc::c_void,
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-                (&mut shared as *mut VforkShared<'_>).cast(),
-            )
-        };
-        let clone_error = io::Error::last_os_error();
-        // SAFETY: restores this thread's signal mask saved above.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-        drop(stack);
-        if pid < 0 {
-            return Err(clone_error);
-        }
-        if shared.errno != 0 {
-            // The child exited with 127 after its execve failed: reap it.
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-            let source = io::Error::from_raw_os_error(shared.errno);
-            if shared.chdir_failed {
-                return Err(io::Error::new(
-                    source.kind(),
-                    WorkingDirError {
-                        dir: self.cwd.clone().unwrap_or_default(),
-                        source,
-                    },
-                ));
-            }
-            return Err(source);
-        }
-        // SAFETY: pidfd_open on the PID of our own unreaped child.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
-            // Without a pidfd the child cannot be watched: it must not run unwatched.
-            let err = io::Error::last_os_error();
-            let pid = nix::unistd::Pid::from_raw(pid);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(pid, None);
-            return Err(io::Error::new(
-                err.kind(),
-                format!(
-                    "cannot watch the new process (pidfd_open needs Linux 5.3 or later): {err}"
-                ),
-            ));
-        }
-        // SAFETY: a new fd that nothing else owns.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-        set_cloexec(&pidfd);
-        // SAFETY: the AsyncFd owns `pidfd`, which stays open and the same until it is
-        // dropped with it.
-        let pidfd = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
-        }?;
-        Ok(SpawnedChild {
-            pid,
-            pidfd,
-            status: None,
+        start_child(start).map_err(|e| match e {
+            Started::Failed(failure) => failure.into_error(self.cwd.as_deref()),
+            Started::Error(e) => e,
         })
     }
 }
 
+/// How starting a child went wrong.
+enum Started {
+    /// The child ran and could not reach its program.
+    Failed(ChildFailure),
+    /// The child could not be started or watched.
+    Error(io::Error),
+}
+
+impl From<io::Error> for Started {
+    fn from(e: io::Error) -> Started {
+        Started::Error(e)
+    }
+}
+
+/// Reaps a child that failed before its program ran.
+fn reap(pid: libc::pid_t) {
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+}
+
+/// The state a vfork-style child shares with its parent.
+#[cfg(reborn_linux)]
+struct VforkShared<'a> {
+    start: ChildStart<'a>,
+    failure: Option<ChildFailure>,
+}
+
+#[cfg(reborn_linux)]
+fn start_child(start: ChildStart<'_>) -> Result<SpawnedChild, Started> {
+    let mut shared = VforkShared {
+        start,
+        failure: None,
+    };
+    let mut stack = vec![0u8; 256 * 1024];
+    // SAFETY: the stack grows down from its end; 16-byte alignment as the ABI wants.
+    let top = unsafe { stack.as_mut_ptr().add(stack.len()) } as usize & !15;
+    let blocked = AllSignalsBlocked::new();
+    // SAFETY: the child runs `vfork_child` on `stack` in this process's memory while
+    // this thread is suspended (CLONE_VFORK) until it execs or exits; it touches only
+    // `shared` (which outlives the call) and makes async-signal-safe system calls.
+    // All signals are blocked, so no handler of this process runs in the child.
+    let pid = unsafe {
+        libc::clone(
+            vfork_child,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&mut shared as *mut VforkShared<'_>).cast(),
+        )
+    };
+    let clone_error = io::Error::last_os_error();
+    drop(blocked);
+    drop(stack);
+    if pid < 0 {
+        return Err(clone_error.into());
+    }
+    if let Some(failure) = shared.failure {
+        // The child exited with 127.
+        reap(pid);
+        return Err(Started::Failed(failure));
+    }
+    // SAFETY: pidfd_open on the PID of our own unreaped child.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        // Without a pidfd the child cannot be watched: it must not run unwatched.
+        let err = io::Error::last_os_error();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        reap(pid);
+        return Err(io::Error::new(
+            err.kind(),
+            format!("cannot watch the new process (pidfd_open needs Linux 5.3 or later): {err}"),
+        )
+        .into());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    set_cloexec(&pidfd);
+    // SAFETY: the AsyncFd owns `pidfd`, which stays open and the same until it is
+    // dropped with it.
+    let pidfd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    }
+    .map_err(io::Error::from)?;
+    Ok(SpawnedChild {
+        pid,
+        pidfd,
+        status: None,
+    })
+}
+
+#[cfg(reborn_linux)]
 fn set_cloexec(fd: &OwnedFd) {
     // SAFETY: F_SETFD on an fd we own.
     unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
 }
 
-/// The child's side of [`SpawnSpec::spawn`]: on its own stack, in the parent's memory.
+/// The child's side of the vfork-style start: on its own stack, in the parent's memory.
+#[cfg(reborn_linux)]
 extern "C" fn vfork_child(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `VforkShared` the parent passed, alive while it is suspended.
     let shared = unsafe { &mut *arg.cast::<VforkShared<'_>>() };
-    // SAFETY: only async-signal-safe system calls follow, on memory prepared before the
-    // clone. Handlers are reset before signals are unblocked, so none of the parent's
-    // handlers can run here; SIGPIPE goes back to its default as std does for children.
-    unsafe {
-        for sig in 1..=libc::SIGRTMAX() {
-            let mut current: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut current) == 0
-                && current.sa_sigaction != libc::SIG_DFL
-                && (current.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
-            {
-                let mut default: libc::sigaction = std::mem::zeroed();
-                default.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &default, std::ptr::null_mut());
-            }
+    shared.failure = Some(shared.start.exec());
+    // SAFETY: _exit is async-signal-safe and runs no destructors.
+    unsafe { libc::_exit(127) }
+}
+
+/// The portable start: `fork`, then the same steps in the child, which reports a failure
+/// through a close-on-exec pipe (end of file: the program runs).
+#[cfg(not(reborn_linux))]
+fn start_child(mut start: ChildStart<'_>) -> Result<SpawnedChild, Started> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let exited = signal(SignalKind::child())?;
+    // Close-on-exec set at once: `pipe2` is not everywhere. (A fork by another thread in
+    // between would hold the write end until its exec, delaying only our read.)
+    let (read_end, write_end) = nix::unistd::pipe().map_err(io::Error::from)?;
+    for end in [&read_end, &write_end] {
+        nix::fcntl::fcntl(
+            end,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(io::Error::from)?;
+    }
+    let blocked = AllSignalsBlocked::new();
+    // SAFETY: the child makes only async-signal-safe calls (ChildStart::exec, write,
+    // _exit) on memory prepared before the fork, and never returns from this block.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let failure = start.exec();
+        let mut report = [0u8; 5];
+        report[..4].copy_from_slice(&failure.errno.to_ne_bytes());
+        report[4] = u8::from(failure.chdir_failed);
+        // SAFETY: write and _exit are async-signal-safe; the buffer is on this stack.
+        unsafe {
+            libc::write(write_end.as_raw_fd(), report.as_ptr().cast(), report.len());
+            libc::_exit(127)
         }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        if let Some(dir) = shared.cwd {
-            // The path first (a `current` symlink switched to a new release is followed),
-            // the directory held open if the path has gone.
-            if libc::chdir(dir.as_ptr()) != 0
-                && shared.cwd_fd.is_none_or(|fd| libc::fchdir(fd) != 0)
-            {
-                shared.errno = *libc::__errno_location();
-                shared.chdir_failed = true;
-                libc::_exit(127);
+    }
+    let fork_error = io::Error::last_os_error();
+    drop(blocked);
+    drop(write_end);
+    if pid < 0 {
+        return Err(fork_error.into());
+    }
+    let mut report = [0u8; 5];
+    let mut got = 0;
+    let mut reader = std::fs::File::from(read_end);
+    while got < report.len() {
+        match io::Read::read(&mut reader, &mut report[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                reap(pid);
+                return Err(e.into());
             }
         }
     }
-    let err = match shared.plan.exec_in_child() {
-        Err(e) => e.raw_os_error().unwrap_or(libc::EINVAL),
-        Ok(()) => libc::EINVAL,
-    };
-    shared.errno = err;
-    // SAFETY: _exit is async-signal-safe and runs no destructors.
-    unsafe { libc::_exit(127) }
+    if got > 0 {
+        reap(pid);
+        let mut errno = [0u8; 4];
+        errno.copy_from_slice(&report[..4]);
+        return Err(Started::Failed(ChildFailure {
+            errno: if got == report.len() {
+                i32::from_ne_bytes(errno)
+            } else {
+                libc::EINVAL
+            },
+            chdir_failed: got == report.len() && report[4] == 1,
+        }));
+    }
+    Ok(SpawnedChild {
+        pid,
+        exited,
+        status: None,
+    })
 }

@@ -49,6 +49,16 @@ pub enum UpgradeError {
         /// This process's PID.
         pid: u32,
     },
+    /// This process is in its shutdown delay
+    /// ([`Builder::shutdown_delay`](crate::Builder::shutdown_delay)): it was told to stop.
+    #[error(
+        "this process (pid {pid}) is shutting down (in its shutdown delay) and starts no new \
+         generation: start the new version in its place instead"
+    )]
+    ShuttingDown {
+        /// This process's PID.
+        pid: u32,
+    },
     /// The reborn master does the upgrades.
     #[error(
         "this process runs under the reborn master (pid {master}), which does the upgrades: run \
@@ -204,6 +214,11 @@ pub(crate) async fn upgrade(inner: &Arc<Inner>) -> Result<Upgraded, UpgradeError
             pid: std::process::id(),
         });
     }
+    if inner.in_shutdown_delay() {
+        return Err(UpgradeError::ShuttingDown {
+            pid: std::process::id(),
+        });
+    }
     let started = Instant::now();
     let path = inner.exe.clone();
     check_executable(&path)?;
@@ -269,13 +284,27 @@ async fn spawn_and_wait(
     // A process full of connections may be at its open-files limit: the reserve makes
     // room for the notify socket and the spawn, and is taken again once it has started.
     let reserve = inner.files.release();
-    let receiver = NotifyReceiver::new_abstract().map_err(|e| {
+    // Linux: an abstract name, nothing on disk. Elsewhere: a socket in a private
+    // directory.
+    #[cfg(reborn_linux)]
+    let receiver = NotifyReceiver::new_abstract();
+    #[cfg(not(reborn_linux))]
+    let receiver = NotifyReceiver::new();
+    let receiver = receiver.map_err(|e| {
         if crate::files::exhausted(&e) {
             out_of_files(&e)
         } else {
             UpgradeError::Notify(e)
         }
     })?;
+    // The channel on which idle connections will go to the new process, once ready.
+    let handoff = if inner.config.hand_over_idle {
+        crate::handoff::HandoffListener::new()
+            .inspect_err(|e| tracing::debug!("no connection handoff for this upgrade: {e}"))
+            .ok()
+    } else {
+        None
+    };
     let spawn_err = |source: std::io::Error| match source.kind() {
         _ if crate::files::exhausted(&source) => out_of_files(&source),
         _ if source
@@ -317,7 +346,7 @@ async fn spawn_and_wait(
     // it). Give the writer a moment rather than fail the upgrade.
     let mut busy_retries = 20;
     let mut child = loop {
-        match spawn_child(inner, path, manager, &receiver) {
+        match spawn_child(inner, path, manager, &receiver, handoff.as_ref()) {
             Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && busy_retries > 0 => {
                 busy_retries -= 1;
                 tracing::info!(path = %path.display(), "the binary is busy (still being written?); retrying");
@@ -371,7 +400,25 @@ async fn spawn_and_wait(
         // Before the drain starts, so that the accept loops know to wait.
         inner.probation.begin();
     }
+    if outcome.is_ok()
+        && let Some(sender) = handoff.as_ref().and_then(|l| l.take_child(pid))
+    {
+        // Before the drain starts: its connections learn from it whether to close. On
+        // probation, they wait for it to pass.
+        inner.handoff.set_outbox(sender, probation.is_zero());
+    }
+    drop(handoff);
     match outcome {
+        // A shutdown delay that began while the new process was starting: this process
+        // was told to stop, and an upgrade must not undo that.
+        Ok(()) if inner.in_shutdown_delay() => {
+            inner.probation.clear();
+            inner.handoff.close();
+            stop(inner, child);
+            Err(UpgradeError::ShuttingDown {
+                pid: std::process::id(),
+            })
+        }
         Ok(()) if inner.begin_drain(DrainReason::Upgraded { successor: pid }) => {
             crate::readiness::record_pid(inner, pid);
             let upgraded = Upgraded {
@@ -389,6 +436,7 @@ async fn spawn_and_wait(
         }
         Ok(()) => {
             inner.probation.clear();
+            inner.handoff.close();
             // A shutdown began while the new process was starting: it must not serve.
             stop(inner, child);
             Err(UpgradeError::Draining {
@@ -445,6 +493,7 @@ fn spawn_child(
     path: &std::path::Path,
     manager: Option<&std::ffi::OsStr>,
     receiver: &NotifyReceiver,
+    handoff: Option<&crate::handoff::HandoffListener>,
 ) -> std::io::Result<crate::spawn::SpawnedChild> {
     let listeners = inner.listeners();
     let p = &inner.process;
@@ -454,6 +503,9 @@ fn spawn_child(
         .envs(p.env.iter().cloned())
         .env(ENV_NOTIFY_SOCKET, receiver.address())
         .env(ENV_UPSTREAM_NOTIFY, manager.unwrap_or_default());
+    if let Some(handoff) = handoff {
+        spec = spec.env(crate::activation::ENV_HANDOFF, handoff.address());
+    }
     if let Some(dir) = &p.cwd {
         spec = spec.current_dir(dir);
         if let Some(fd) = &p.cwd_fd {

@@ -15,14 +15,15 @@ fn wait_slow_started(server: &Server) {
 
 #[test]
 fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
-    let mut server = Server::start(&[]);
+    // A long idle grace: the idle connection's next request below must not race it.
+    let mut server = Server::start(&["--idle-grace-ms", "10000"]);
     let addr = server.addr;
     let slow: Vec<_> = (0..3)
-        .map(|_| std::thread::spawn(move || reborn_testkit::get(addr, "/ping?sleep_ms=1500")))
+        .map(|_| std::thread::spawn(move || reborn_testkit::get(addr, "/ping?sleep_ms=3000")))
         .collect();
-    for _ in 0..3 {
-        wait_slow_started(&server);
-    }
+    reborn_testkit::wait_for("the three slow requests to start", PATIENCE, || {
+        (server.proc.output().matches("slow request started").count() >= 3).then_some(())
+    });
     // An idle keep-alive connection, opened before the signal.
     let mut idle = Http1::connect(addr).unwrap();
     assert_eq!(idle.get("/ping").unwrap().status, 200);

@@ -104,6 +104,7 @@ fn a_failed_upgrade_tells_the_manager_it_is_ready_again_and_why() {
 /// The private readiness socket of an upgrade lives in the abstract namespace, which any
 /// local process can reach: a datagram from another user must be ignored, one from this
 /// user read.
+#[cfg(reborn_linux)]
 #[tokio::test]
 async fn readiness_from_another_user_is_ignored() {
     use std::os::unix::ffi::OsStrExt;
@@ -141,4 +142,43 @@ async fn readiness_from_another_user_is_ignored() {
         .unwrap();
     assert!(!first.ready, "the forged READY=1 was accepted: {first:?}");
     assert_eq!(first.status.as_deref(), Some("ours"));
+}
+
+/// A readiness socket in a private directory (the only kind on other systems, and with
+/// the `portable` feature) cannot be reached by another user at all: the directory's
+/// mode stops them, credentials or not.
+#[tokio::test]
+async fn another_user_cannot_reach_a_private_readiness_socket() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: sending as another user needs root");
+        return;
+    }
+    let rx = reborn::notify::NotifyReceiver::new().unwrap();
+    let addr = rx.address();
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys\n\
+             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+             try:\n    s.sendto(b'READY=1\\n', sys.argv[1])\n\
+             except PermissionError:\n    sys.exit(3)",
+        ])
+        .arg(&addr)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("python3 runs");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "another user reached the socket: {out:?}"
+    );
+    reborn::notify::send(&addr, "READY=1\n").unwrap();
+    let first = tokio::time::timeout(PATIENCE, rx.recv())
+        .await
+        .expect("our message is read")
+        .unwrap();
+    assert!(first.ready);
 }

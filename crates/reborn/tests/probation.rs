@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Server, body_pid, testserver};
-use reborn_testkit::{Load, PATIENCE, Proc, alive, signal, wait_for};
+use reborn_testkit::{Load, PATIENCE, Proc, alive, children, signal, wait_for};
 
 /// The knob a test server binary carries to abort this long after it is ready.
 fn aborting(ms: u64) -> String {
@@ -24,7 +24,11 @@ fn a_new_version_that_dies_after_ready_is_rolled_back_and_the_next_upgrade_works
 
     server.deploy_variant(&aborting(200));
     signal(old, libc::SIGHUP);
-    let bad = server.wait_new_pid(old);
+    // The new process, as the old one started it: it lives 200 ms after its readiness
+    // check, too short to count on finding it in the PID file or answering.
+    let bad = wait_for("the new process", PATIENCE, || {
+        children(old).first().copied()
+    });
     server.proc.wait_line("the rollback", |l| {
         l.contains("rolled back").then(|| l.to_owned())
     });
@@ -70,7 +74,9 @@ fn with_probation_off_the_previous_generation_exits_as_before() {
     let old = server.proc.pid();
     server.deploy_variant(&aborting(300));
     signal(old, libc::SIGHUP);
-    let bad = server.wait_new_pid(old);
+    // The PID file names the new process once the old one has committed; not asked for
+    // an answer, as it lives only 300 ms after its readiness check.
+    let bad = server.wait_pid_file_moves_from(old);
     assert_eq!(
         server.proc.wait_exit(PATIENCE),
         Some(0),
@@ -120,11 +126,13 @@ fn a_failing_readiness_check_rolls_the_upgrade_back_with_its_message() {
         line.contains("failed its readiness check: the database at db:5432 does not answer"),
         "{line}"
     );
+    // Until it has gone, the unhealthy process may still answer a connection it took
+    // from the shared queue before its check failed.
+    wait_for("the unhealthy process to be gone", PATIENCE, || {
+        children(old).is_empty().then_some(())
+    });
     assert_eq!(body_pid(&server.get("/ping").body), Some(old));
     assert_eq!(server.serving_pid(), Some(old));
-    wait_for("the unhealthy process to be gone", PATIENCE, || {
-        reborn_testkit::children(old).is_empty().then_some(())
-    });
     server.stop_current();
 }
 
@@ -140,12 +148,12 @@ fn a_failing_readiness_check_on_a_first_start_stops_the_process_with_its_message
     let mut cmd = Command::new(&bin);
     cmd.args(["--addr", "127.0.0.1:0"]);
     let mut proc = Proc::start(cmd);
-    assert_eq!(proc.wait_exit(PATIENCE), Some(1));
-    let out = proc.output();
-    assert!(
-        out.contains("the readiness check failed: no config"),
-        "{out}"
-    );
+    assert_eq!(proc.wait_exit(PATIENCE), Some(1), "{}", proc.output());
+    // Written just before the exit: the reader may not have it yet.
+    proc.wait_line("the check's message", |l| {
+        l.contains("the readiness check failed: no config")
+            .then_some(())
+    });
 }
 
 #[test]

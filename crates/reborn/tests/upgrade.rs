@@ -123,6 +123,12 @@ fn assert_rolls_back(server: &Server, expect_in_log: &str) {
     server.proc.wait_line(expect_in_log, |l| {
         (l.contains("upgrade failed") && l.contains(expect_in_log)).then_some(())
     });
+    // A new process that had started serving (side by side, before its ready) is told
+    // to stop at the failure, and may answer until it has seen that: only once it has
+    // gone is the old process alone.
+    wait_for("the failed process to be gone", PATIENCE, || {
+        children(old).is_empty().then_some(())
+    });
     let resp = server.get("/ping");
     assert_eq!(
         body_pid(&resp.body),
@@ -130,9 +136,6 @@ fn assert_rolls_back(server: &Server, expect_in_log: &str) {
         "the old process keeps serving"
     );
     assert_eq!(server.serving_pid(), Some(old));
-    wait_for("the failed process to be gone", PATIENCE, || {
-        children(old).is_empty().then_some(())
-    });
     assert!(alive(old));
 }
 
@@ -249,7 +252,8 @@ fn an_upgrade_can_follow_while_the_old_generation_still_drains() {
     let mut server = Server::start(&[]);
     let first = server.proc.pid();
     let addr = server.addr;
-    let slow = std::thread::spawn(move || reborn_testkit::get(addr, "/ping?sleep_ms=4000"));
+    // Long enough to outlast two upgrades on a loaded machine.
+    let slow = std::thread::spawn(move || reborn_testkit::get(addr, "/ping?sleep_ms=8000"));
     server.proc.wait_line("the slow request", |l| {
         l.starts_with("slow request started").then_some(())
     });

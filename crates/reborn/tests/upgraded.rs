@@ -50,11 +50,13 @@ fn an_upgraded_connection_keeps_the_old_generation_until_it_closes() {
     );
     drop(conn);
     server.proc.assert_exits_with(0);
-    let output = server.proc.output();
-    assert!(
-        output.contains("upgraded connection ended: closed by the client"),
-        "{output}"
-    );
+    // Written just before the exit: the reader may not have it yet.
+    server
+        .proc
+        .wait_line("the end of the upgraded connection", |l| {
+            l.contains("upgraded connection ended: closed by the client")
+                .then_some(())
+        });
     assert_eq!(common::body_pid(&server.get("/ping").body), Some(new));
     server.stop_current();
 }
@@ -66,11 +68,14 @@ fn an_upgraded_connection_that_never_closes_is_cut_at_the_deadline() {
     echo(&mut conn, "hello").expect("echo");
     signal(server.proc.pid(), libc::SIGTERM);
     server.proc.assert_exits_with(0);
-    let output = server.proc.output();
-    assert!(
-        output.contains("upgraded connection ended: reborn: the drain deadline passed"),
-        "the application's read failed at the hammer:\n{output}"
-    );
+    // The application's read failed at the hammer (written just before the exit: the
+    // reader may not have it yet).
+    server
+        .proc
+        .wait_line("the hammer's error in the application", |l| {
+            l.contains("upgraded connection ended: reborn: the drain deadline passed")
+                .then_some(())
+        });
     let mut rest = Vec::new();
     let _ = conn.read_to_end(&mut rest);
     assert!(rest.is_empty(), "nothing more arrives: {rest:?}");

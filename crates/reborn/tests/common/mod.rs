@@ -55,6 +55,20 @@ impl Server {
         let addr = proc.wait_line("the listening address", |l| {
             l.strip_prefix("listening on ")?.parse().ok()
         });
+        // Printed just before, on the same stream: the server must take the system path
+        // these tests were built for (see reborn_testkit::FEATURES_VAR).
+        let path = if cfg!(reborn_linux) {
+            "linux"
+        } else {
+            "portable"
+        };
+        assert!(
+            proc.output().contains(&format!("system path: {path}")),
+            "the test server was built for another system path than these tests ({path}); \
+             set {}:\n{}",
+            reborn_testkit::FEATURES_VAR,
+            proc.output()
+        );
         let server = Server {
             dir,
             bin,
@@ -88,11 +102,22 @@ impl Server {
     /// Waits until the PID file names a process other than `old`, and until that process
     /// answers, and returns it.
     pub fn wait_new_pid(&self, old: u32) -> u32 {
-        let new = wait_for("a new PID in the PID file", PATIENCE, || {
-            self.serving_pid().filter(|p| *p != old)
-        });
+        let new = self.wait_pid_file_moves_from(old);
         self.wait_answered_by(new);
         new
+    }
+
+    /// Waits until the PID file names a process other than `old` (without asking it for
+    /// an answer: it may not give one), and returns it.
+    pub fn wait_pid_file_moves_from(&self, old: u32) -> u32 {
+        reborn_testkit::poll_until(PATIENCE, || self.serving_pid().filter(|p| *p != old))
+            .unwrap_or_else(|| {
+                panic!(
+                    "timed out after {PATIENCE:?} waiting for a new PID in the PID file; \
+                 the server said:\n{}",
+                    self.proc.output()
+                )
+            })
     }
 
     /// Waits until a new connection is answered by `pid` (the previous generation may
@@ -176,4 +201,33 @@ pub fn upgrade(addr: SocketAddr, path: &str, headers: &str) -> std::net::TcpStre
     let head = String::from_utf8_lossy(&head).to_string();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     s
+}
+
+/// Sends `GET /ping` on `stream` and reads the whole response head and body.
+pub fn ping_on(stream: &mut std::net::TcpStream) -> std::io::Result<String> {
+    use std::io::Write;
+    stream.write_all(b"GET /ping HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    read_response(stream)
+}
+
+/// Reads one response (`Content-Length` body) from `stream`, head and body as text.
+pub fn read_response(stream: &mut std::net::TcpStream) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    Ok(format!("{head}{}", String::from_utf8_lossy(&body)))
 }
