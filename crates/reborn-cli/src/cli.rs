@@ -65,7 +65,7 @@ Examples:
   reborn run --listen http=127.0.0.1:8080 -- ./server
   reborn run --listen web=:80 --listen admin=/run/app/admin.sock -- /usr/bin/app
   reborn run --listen :8000 --name api --pid-file /run/api.pid \\
-      -- gunicorn --bind fd://3 app:wsgi
+      -- gunicorn --workers 4 app:wsgi
   reborn run --listen :8080 --ready http:http://127.0.0.1:9000/ready -- ./legacy
 
 Under systemd (Type=notify) the master reports READY=1 when its first worker is ready,
@@ -232,6 +232,29 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub liveness_failures: u32,
 
+    /// After SIGTERM, keep the worker serving this long before stopping it, while the
+    /// health listener (--health) answers 503: a load balancer that still sends traffic
+    /// after the stop signal (a Kubernetes rolling update, a host drained) takes this
+    /// instance out of rotation first. Make it longer than the balancer needs to see a
+    /// failing check. A second SIGTERM stops at once; SIGINT (see
+    /// --shutdown-delay-signal), `reborn stop` and SIGHUP upgrades are never delayed. 0
+    /// (the default) stops at once.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// The signal whose shutdown --shutdown-delay delays: SIGTERM (what Kubernetes, Docker
+    /// and systemd send) or SIGINT. The other one stops at once.
+    #[arg(long, value_name = "SIGNAL", default_value = "SIGTERM", value_parser = parse_delay_signal)]
+    pub shutdown_delay_signal: Signal,
+
+    /// Serve health checks on HOST:PORT, answered by the master itself: GET /readyz is
+    /// 200 while a worker is ready and serving and the master is not shutting down (503
+    /// with the reason otherwise: starting, restarting, in the shutdown delay, stopping);
+    /// GET /livez is 200 while the master runs. For a load balancer's checks; works for
+    /// any worker, built on reborn or not.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_health)]
+    pub health: Option<std::net::SocketAddr>,
+
     /// The listen backlog of the sockets the master binds.
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(i32).range(1..=65535))]
     pub backlog: i32,
@@ -391,6 +414,27 @@ pub fn parse_ready(s: &str) -> Result<ReadyMode, String> {
              tcp:HOST:PORT (tcp:127.0.0.1:9000) or http:URL (http:http://127.0.0.1:9000/health)"
         )),
     }
+}
+
+/// Parses `--shutdown-delay-signal`: SIGTERM or SIGINT, the signals that stop the master.
+pub fn parse_delay_signal(s: &str) -> Result<Signal, String> {
+    let sig = parse_signal(s)?;
+    match sig.0 {
+        nix::sys::signal::Signal::SIGTERM | nix::sys::signal::Signal::SIGINT => Ok(sig),
+        other => Err(format!(
+            "{other} does not stop the master; the shutdown delay applies to SIGTERM or SIGINT"
+        )),
+    }
+}
+
+/// Parses `--health`: an IP address and port.
+pub fn parse_health(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "{s:?} is not a health listener address; give an IP address and a port, e.g. \
+             127.0.0.1:9901 or [::1]:9901"
+        )
+    })
 }
 
 /// Parses `--liveness`: `http:HOST:PORT/PATH`, `http:http://HOST:PORT/PATH` or

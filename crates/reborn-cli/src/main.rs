@@ -24,6 +24,7 @@
 mod cli;
 mod control;
 mod groups;
+mod health;
 mod listen;
 mod paths;
 mod pinned;
@@ -179,7 +180,10 @@ fn run(args: RunArgs) -> ExitCode {
             timeout: args.liveness_timeout,
             failures: args.liveness_failures,
         }),
+        shutdown_delay: args.shutdown_delay,
+        shutdown_delay_signal: args.shutdown_delay_signal.0,
     };
+    let health = args.health;
     let sockets = listeners.into_iter().map(|l| (l.fd, l.name)).collect();
     let upstream = sdnotify::Upstream::new(process_env.notify_socket);
 
@@ -216,9 +220,25 @@ fn run(args: RunArgs) -> ExitCode {
         if upstream.is_active() {
             tracing::info!("reporting to the service manager through NOTIFY_SOCKET");
         }
-        let result = supervisor::Supervisor::new(cfg, tx, spawner, upstream)
-            .run(signals, rx)
-            .await;
+        let supervisor = supervisor::Supervisor::new(cfg, tx, spawner, upstream);
+        if let Some(addr) = health {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    match e.kind() {
+                        std::io::ErrorKind::AddrInUse => format!(
+                            "cannot listen on {addr} for --health: the address is already in \
+                             use; pick a free port"
+                        ),
+                        _ => format!("cannot listen on {addr} for --health: {e}"),
+                    },
+                )
+            })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            tracing::info!("health checks: http://{bound}/readyz and /livez");
+            health::serve(listener, supervisor.health());
+        }
+        let result = supervisor.run(signals, rx).await;
         // The answers given (the `stop` that ended the loop among them) reach their
         // clients before the runtime, and the tasks writing them, go.
         answers.settle(Duration::from_secs(2)).await;

@@ -37,6 +37,8 @@ impl Binary {
                     path: path.to_path_buf(),
                 })
             }
+            // An execute-only binary: Linux can hold it open without read access.
+            #[cfg(target_os = "linux")]
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 let file = std::fs::OpenOptions::new()
                     .read(true)

@@ -77,6 +77,18 @@ pub fn reap(pid: u32) -> io::Result<Option<ExitStatus>> {
 
 /// Makes this process the reaper of its descendants' orphans (`PR_SET_CHILD_SUBREAPER`),
 /// so that the grandchildren a multi-process worker leaves behind are collected here.
+/// Linux only: elsewhere orphans go to init, as they always did.
+#[cfg(not(target_os = "linux"))]
+pub fn become_subreaper() -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "child subreapers are Linux's (PR_SET_CHILD_SUBREAPER)",
+    ))
+}
+
+/// Makes this process the reaper of its descendants' orphans (`PR_SET_CHILD_SUBREAPER`),
+/// so that the grandchildren a multi-process worker leaves behind are collected here.
+#[cfg(target_os = "linux")]
 pub fn become_subreaper() -> io::Result<()> {
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes plain integers.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };

@@ -125,6 +125,8 @@ pub enum Event {
         /// Which scheduled restart this is; stale ones are ignored.
         token: u64,
     },
+    /// The shutdown delay after `SIGTERM` is over: stop now.
+    ShutdownDelayOver,
     /// A command from the control socket.
     Control {
         /// The command.
@@ -164,6 +166,11 @@ pub struct Config {
     pub listener_inodes: Vec<Option<u64>>,
     /// The serving worker's liveness probe, if any.
     pub liveness: Option<crate::readiness::Liveness>,
+    /// How long the master keeps its worker serving after `SIGTERM`, reporting not
+    /// ready, before it stops it.
+    pub shutdown_delay: Duration,
+    /// The signal whose stop waits out the shutdown delay (`SIGTERM` or `SIGINT`).
+    pub shutdown_delay_signal: Signal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +219,9 @@ struct Worker {
     on_probation: bool,
     /// Its program file, held open (see [`crate::pinned`]).
     binary: Option<Arc<Binary>>,
+    /// Where the worker that replaces it is handed its idle keep-alive connections
+    /// (`REBORN_HANDOFF_SOCKET`, said by a worker built on reborn with `READY=1`).
+    handoff: Option<OsString>,
 }
 
 impl Worker {
@@ -287,6 +297,10 @@ pub struct Supervisor {
     /// Why the master gives up (the first worker could not start at all): the loop ends
     /// and the master exits non-zero with this reason.
     fatal: Option<String>,
+    /// In the shutdown delay: the worker serves on, the health listener says 503.
+    delaying: bool,
+    /// What the health listener says (see [`crate::health`]).
+    health: tokio::sync::watch::Sender<crate::health::Readiness>,
     /// Groups whose leader (a worker) has gone while other processes of the group live:
     /// they are being stopped; `SIGKILL` at their deadline, or when the master exits.
     lingering: BTreeMap<u32, Lingering>,
@@ -341,6 +355,8 @@ impl Supervisor {
             pinned: None,
             probation_waiters: Vec::new(),
             fatal: None,
+            delaying: false,
+            health: tokio::sync::watch::Sender::new(Err("starting")),
             lingering: BTreeMap::new(),
         }
     }
@@ -372,8 +388,8 @@ impl Supervisor {
                     tracing::info!("SIGHUP: upgrading");
                     self.request_upgrade(None);
                 }
-                _ = term.recv() => self.request_stop("SIGTERM", true),
-                _ = int.recv() => self.request_stop("SIGINT", true),
+                _ = term.recv() => self.on_stop_signal(Signal::SIGTERM),
+                _ = int.recv() => self.on_stop_signal(Signal::SIGINT),
                 _ = usr1.recv() => self.forward(Signal::SIGUSR1),
                 _ = usr2.recv() => self.forward(Signal::SIGUSR2),
                 _ = tstp.recv() => self.forward(Signal::SIGTSTP),
@@ -382,6 +398,7 @@ impl Supervisor {
                     None => break,
                 },
             }
+            self.publish_health();
             if let Some(reason) = self.fatal.take() {
                 self.upstream.status(reason.clone());
                 self.kill_lingering();
@@ -415,6 +432,11 @@ impl Supervisor {
                 self.on_liveness_failed(generation, reason)
             }
             Event::ProbationOver { generation } => self.on_probation_over(generation),
+            Event::ShutdownDelayOver => {
+                if self.delaying {
+                    self.request_stop("the shutdown delay is over", true);
+                }
+            }
             Event::Restart { token } => self.on_restart(token),
             Event::Control { request, reply } => match request {
                 Request::Status => {
@@ -457,6 +479,19 @@ impl Supervisor {
             reborn::activation::ENV_MASTER_PID.into(),
             std::process::id().to_string().into(),
         ));
+        // A worker built on reborn takes the serving worker's idle connections once it is
+        // ready (and that one keeps them through the new one's probation).
+        let handoff = self
+            .current
+            .and_then(|g| self.workers.get(&g))
+            .and_then(|w| w.handoff.clone());
+        if let Some(handoff) = handoff {
+            env.push((reborn::activation::ENV_HANDOFF.into(), handoff));
+        }
+        env.push((
+            reborn::activation::ENV_MASTER_PROBATION.into(),
+            self.cfg.probation.as_millis().to_string().into(),
+        ));
         let job = SpawnJob {
             generation,
             program,
@@ -496,6 +531,7 @@ impl Supervisor {
                 probation_timer: None,
                 on_probation: false,
                 binary,
+                handoff: None,
             },
         );
         Ok(generation)
@@ -571,6 +607,9 @@ impl Supervisor {
             return;
         };
         w.said_anything = true;
+        if let Some(handoff) = &message.handoff_socket {
+            w.handoff = Some(handoff.clone());
+        }
         if let Some(status) = &message.status {
             tracing::info!(worker = %w.label(), status = %status, "worker status");
             w.status = Some(status.clone());
@@ -1050,7 +1089,61 @@ impl Supervisor {
         }
     }
 
+    /// What the health listener reports (see [`crate::health`]).
+    pub fn health(&self) -> tokio::sync::watch::Receiver<crate::health::Readiness> {
+        self.health.subscribe()
+    }
+
+    fn readiness(&self) -> crate::health::Readiness {
+        if self.stopping {
+            Err("the master is stopping")
+        } else if self.delaying {
+            Err("shutting down (in the shutdown delay)")
+        } else if self.current.is_some() {
+            Ok(())
+        } else if self.ever_ready {
+            Err("no worker serves (restarting)")
+        } else {
+            Err("starting")
+        }
+    }
+
+    fn publish_health(&self) {
+        let now = self.readiness();
+        self.health.send_if_modified(|h| {
+            let changed = *h != now;
+            *h = now;
+            changed
+        });
+    }
+
+    /// `SIGTERM` or `SIGINT`: the shutdown delay first, if there is one for this signal;
+    /// any stop signal in the delay stops at once.
+    fn on_stop_signal(&mut self, sig: Signal) {
+        let delay = self.cfg.shutdown_delay;
+        let why = sig.as_str();
+        if self.delaying {
+            tracing::info!("{why} during the shutdown delay: stopping now");
+            return self.request_stop(why, true);
+        }
+        if delay.is_zero() || self.stopping || sig != self.cfg.shutdown_delay_signal {
+            return self.request_stop(why, true);
+        }
+        self.delaying = true;
+        tracing::info!(
+            "{why}: stopping in {}; the worker serves until then while the health \
+             listener answers 503 (send {why} again to stop now)",
+            human(delay)
+        );
+        self.upstream.status(format!(
+            "shutting down in {}: serving, not ready",
+            human(delay)
+        ));
+        let _ = self.after(delay, Event::ShutdownDelayOver);
+    }
+
     fn request_stop(&mut self, why: &str, hammer_if_repeated: bool) {
+        self.delaying = false;
         if self.stopping {
             if hammer_if_repeated {
                 tracing::warn!("{why} again while stopping: killing every worker");
@@ -1288,6 +1381,12 @@ impl Supervisor {
         if self.stopping {
             return refuse(reply, "the master is stopping".into());
         }
+        if self.delaying {
+            return refuse(
+                reply,
+                "the master is shutting down (in its shutdown delay)".into(),
+            );
+        }
         if let Some(up) = &self.upgrade {
             let msg = format!(
                 "an upgrade is already in progress (generation {}, started {} ago); wait for \
@@ -1395,7 +1494,7 @@ impl Supervisor {
     }
 
     fn status(&self) -> Status {
-        let state = if self.stopping {
+        let state = if self.stopping || self.delaying {
             "stopping"
         } else if self.upgrade.is_some() {
             "upgrading"

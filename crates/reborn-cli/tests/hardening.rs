@@ -140,10 +140,12 @@ fn first_start_failure_fails_the_master_fast() {
             .arg(program);
         let mut master = Proc::start(cmd);
         let code = master.wait_exit(PATIENCE);
+        // Written just before the exit: the reader may not have it yet.
+        master.wait_line("the error", |l| {
+            (l.contains("error: the program cannot start") && l.contains(reason)).then_some(())
+        });
         let out = master.output();
         assert_eq!(code, Some(1), "{out}");
-        assert!(out.contains("error: the program cannot start"), "{out}");
-        assert!(out.contains(reason), "{out}");
         assert!(!out.contains("restarting the worker"), "not retried: {out}");
     }
 }

@@ -6,28 +6,15 @@ mod common;
 
 use std::ffi::OsStr;
 
-use common::{Master, require_tool, tempdir};
+use common::{Master, tempdir};
 use reborn_testkit::{PATIENCE, wait_for};
 
 fn start(dir: &std::path::Path, ready: &str, port: u16, extra: &[&str]) -> Master {
-    let python = require_tool("python3", "apt-get install -y python3");
-    let port = port.to_string();
     let mut opts = vec!["--ready", ready];
     opts.extend_from_slice(extra);
-    Master::start(
-        dir,
-        &opts,
-        &[
-            python.as_os_str(),
-            OsStr::new("-m"),
-            OsStr::new("http.server"),
-            OsStr::new("--bind"),
-            OsStr::new("127.0.0.1"),
-            OsStr::new("--directory"),
-            dir.as_os_str(),
-            OsStr::new(&port),
-        ],
-    )
+    let program = common::python_http_server(dir, port);
+    let program: Vec<&OsStr> = program.iter().map(|a| a.as_os_str()).collect();
+    Master::start(dir, &opts, &program)
 }
 
 #[test]

@@ -170,3 +170,16 @@ pub fn refused(addr: SocketAddr) -> bool {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
     )
 }
+
+/// `python3 -m http.server --bind 127.0.0.1 --directory DIR PORT`: a worker that knows
+/// nothing of reborn (it binds its own port, never notifies).
+pub fn python_http_server(dir: &Path, port: u16) -> Vec<std::ffi::OsString> {
+    let python = require_tool("python3", "apt-get install -y python3");
+    let mut cmd: Vec<std::ffi::OsString> = vec![python.into()];
+    for arg in ["-m", "http.server", "--bind", "127.0.0.1", "--directory"] {
+        cmd.push(arg.into());
+    }
+    cmd.push(dir.into());
+    cmd.push(port.to_string().into());
+    cmd
+}
