@@ -59,6 +59,12 @@ for mode in keepalive newconn h2; do
     run "steady-$mode" steady --mode "$mode" -c 64 --rounds 20 --duration-s 2 --warmup-s 0.5
 done
 
+# Keep-alive connections handed over (no probation, so each moves at once).
+run "restart-self-keepalive-p0" restart --path self --mode keepalive -c 64 \
+    --restarts 100 --interval-ms 250 --max-time-s 300 --server-arg=--probation-ms=0
+run "light-self-keepalive-p0" restart --path self --mode keepalive -c 4 --rate 4000 \
+    --restarts 100 --interval-ms 250 --max-time-s 300 --server-arg=--probation-ms=0
+
 # 10,000 idle keep-alive connections through an upgrade, idle grace 1 s.
 for path in self master; do
     run "idle-$path" idle --path "$path" --connections 10000 --idle-grace-ms 1000
@@ -83,6 +89,13 @@ if [[ ${ONLY:-} =~ 5000 ]]; then
         --restarts 5000 --interval-ms 20 --slow-per-restart 0 --max-time-s 2400
 fi
 
+# A fleet: 3 bench-servers, each in a network namespace of its own (root; loopback ports
+# without), behind Debian's haproxy (GET /readyz every 100 ms, fall 2, rise 2, retries 0),
+# 4 keep-alive and 2 new-connection clients that never retry: 50 rounds of rolling
+# in-place upgrades (150 upgrades: an upgrade takes a few ms, so fewer carry few
+# requests), a rolling replacement with a 1 s shutdown delay, one without.
+run "fleet" fleet --instances 3 --rounds 50 --shutdown-delay-ms 1000 --keep-alive 4 --new-conn 2
+
 # The handoff with a statically linked, non-PIE bench-server (no dynamic loader, no
 # relocations at exec), light load, beside the default build.
 if [[ -z ${ONLY:-} || static =~ $ONLY ]]; then
@@ -92,5 +105,11 @@ if [[ -z ${ONLY:-} || static =~ $ONLY ]]; then
     rm -rf "$OUT/logs/light-self-static"
     run "light-self-newconn-static" --work-dir "$OUT/logs/light-self-static" restart \
         --server "$CARGO_TARGET_DIR/static/x86_64-unknown-linux-gnu/release/bench-server" \
+        --path self --mode newconn -c 4 --rate 4000 --restarts 300 --interval-ms 250 --max-time-s 300    # The build the crate docs recommend: static, still position-independent (static-pie).
+    RUSTFLAGS="-C target-feature=+crt-static" \
+        CARGO_TARGET_DIR="$CARGO_TARGET_DIR/static-pie" \
+        cargo build --release -p reborn-bench --bin bench-server --target x86_64-unknown-linux-gnu
+    run "light-self-newconn-static-pie" restart \
+        --server "$CARGO_TARGET_DIR/static-pie/x86_64-unknown-linux-gnu/release/bench-server" \
         --path self --mode newconn -c 4 --rate 4000 --restarts 300 --interval-ms 250 --max-time-s 300
 fi

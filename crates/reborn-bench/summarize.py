@@ -99,16 +99,17 @@ def steady_table():
 
 
 def idle_table():
-    print("| path | connections | closed cleanly | reset | still open | closed after grace + 1 s | close time after signal: median / max ms | deadline ms | active answered | master RSS KiB (anon) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| path | connections | closed cleanly | handed over | reset | open, unanswered | closed after grace + 1 s | close time after signal: median / max ms | deadline ms | active answered | master RSS KiB (anon) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for f in sorted(glob.glob(os.path.join(d, "idle-*.json"))):
         r = json.load(open(f))
         m = [p for p in r["processes_after"] if p["role"] == "master"]
         mrss = f"{m[0]['rss_kib']} ({m[0].get('rss_anon_kib')})" if m else "-"
         s = r["close_ms_after_signal"]
+        close = "-" if not r["closed_cleanly"] else f"{s['median_ms']:.0f} / {s['max_ms']:.0f}"
         print(
-            f"| {r['path']} | {r['opened']} | {r['closed_cleanly']} | {r['reset']} | {r['still_open']} | {r['closed_after_deadline']} "
-            f"| {s['median_ms']:.0f} / {s['max_ms']:.0f} | {r['deadline_ms_after_signal']:.0f} | {r['active']['answered']}/{r['active']['sent']} | {mrss} |"
+            f"| {r['path']} | {r['opened']} | {r['closed_cleanly']} | {r.get('handed_over', 0)} | {r['reset']} | {r['still_open']} | {r['closed_after_deadline']} "
+            f"| {close} | {r['deadline_ms_after_signal']:.0f} | {r['active']['answered']}/{r['active']['sent']} | {mrss} |"
         )
 
 
@@ -152,6 +153,28 @@ def master_memory_table():
     )
 
 
+def fleet_table():
+    r = load("fleet")
+    if not r:
+        return
+    hosts = "network namespaces" if r.get("namespaces") else "loopback ports"
+    print(f"| scenario ({r['instances']} bench-servers, {hosts}, behind HAProxy) | instances rolled | requests | failed | HAProxy marked down | time per instance: median / max ms | total s |")
+    print("|---|---|---|---|---|---|---|")
+    for x in r["runs"]:
+        name = {
+            "in-place": f"rolling in-place upgrade (SIGHUP), {x['rounds']} rounds",
+            "replace-delay": f"rolling replacement, {x['shutdown_delay_ms']} ms shutdown delay",
+            "replace-no-delay": "rolling replacement, no shutdown delay",
+        }.get(x["name"], x["name"])
+        p = x["per_instance"]
+        print(
+            f"| {name} | {p['count']} | {x['requests']:,} | **{x['failed']:,}** | {x['marked_down']} "
+            f"| {p['median_ms']:.0f} / {p['max_ms']:.0f} | {x['total_ms'] / 1000:.2f} |"
+        )
+    for e in r.get("errors", []):
+        print(f"| {e['name']} | - | - | error: {e['error'].splitlines()[0] if e['error'] else ''} | - | - | - |")
+
+
 TABLES = [
     ("restart", "Restarts under closed-loop load", lambda: restart_table("restart")),
     ("paced", "Restarts under paced load (20,000 req/s)", lambda: restart_table("paced")),
@@ -162,6 +185,7 @@ TABLES = [
     ("steady", "Steady state", steady_table),
     ("idle", "Idle keep-alive connections", idle_table),
     ("processes", "Processes", procs_table),
+    ("fleet", "A fleet behind HAProxy", fleet_table),
 ]
 
 

@@ -1,7 +1,9 @@
 //! Idle keep-alive connections through an upgrade: open many, each with one answered
-//! request, upgrade, and watch each one: it must be closed cleanly (EOF, no reset) within
-//! the idle grace + 1 s of the old generation starting its drain; a few send one more
-//! request during the grace and must get an answer, not a reset.
+//! request, upgrade, and watch each one: it must either be closed cleanly (EOF, no reset)
+//! within the idle grace + 1 s of the old generation starting its drain, or, handed to
+//! the new generation (a self-upgrade hands idle connections over), still be open and
+//! answer its next request from the new generation. A few send one more request during
+//! the grace and must get an answer, not a reset.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -82,8 +84,11 @@ enum End {
     Reset(Duration, String),
     /// Unexpected bytes from the server on an idle connection.
     Data,
-    /// Still open at the end of the watch.
-    Open,
+    /// Still open at the end of the watch, and then answered by this process (handed
+    /// over to it).
+    Handed(u32),
+    /// Still open at the end of the watch, and then not answered.
+    Open(String),
     /// Active: the request got no answer (connection closed or reset under it).
     Unanswered(String),
 }
@@ -94,7 +99,24 @@ async fn watch_idle(mut s: TcpStream, t0: Instant, limit: Duration) -> End {
         Ok(Ok(0)) => End::Closed(t0.elapsed()),
         Ok(Ok(_)) => End::Data,
         Ok(Err(e)) => End::Reset(t0.elapsed(), format!("{:?}", e.kind())),
-        Err(_) => End::Open,
+        // Still open: handed over? Then its next request is answered.
+        Err(_) => {
+            if let Err(e) = s.write_all(REQUEST).await {
+                return End::Open(format!("write: {:?}", e.kind()));
+            }
+            let mut buf = Vec::new();
+            match tokio::time::timeout(Duration::from_secs(10), read_response(&mut s, &mut buf))
+                .await
+            {
+                Ok(Ok((200, _, body))) => match parse_pong(&body) {
+                    Some(pong) => End::Handed(pong.pid),
+                    None => End::Open("a wrong body".into()),
+                },
+                Ok(Ok((status, _, _))) => End::Open(format!("status {status}")),
+                Ok(Err(e)) => End::Open(format!("{:?}", e.kind())),
+                Err(_) => End::Open("timed out".into()),
+            }
+        }
     }
 }
 
@@ -206,6 +228,8 @@ pub async fn run(
         mut answered,
         mut answered_close,
     ) = (0, 0, 0, 0, 0, 0, 0);
+    // Handed over and answered by the new generation; by another process (wrongly).
+    let (mut handed, mut handed_elsewhere) = (0, 0);
     let mut errors = crate::stats::ErrorSamples::default();
     for (i, w) in watchers.into_iter().enumerate() {
         let (end, close) = match w.await {
@@ -229,7 +253,15 @@ pub async fn run(
                 errors.add(format!("reset: {e}"));
             }
             End::Data => data += 1,
-            End::Open => open += 1,
+            End::Handed(pid) if pid != old_pid => handed += 1,
+            End::Handed(pid) => {
+                handed_elsewhere += 1;
+                errors.add(format!("still served by the old generation (pid {pid})"));
+            }
+            End::Open(e) => {
+                open += 1;
+                errors.add(format!("open but unanswered: {e}"));
+            }
             End::Unanswered(e) => {
                 unanswered += 1;
                 errors.add(format!("active request unanswered: {e}"));
@@ -260,6 +292,7 @@ pub async fn run(
         && reset == 0
         && data == 0
         && open == 0
+        && handed_elsewhere == 0
         && unanswered == 0
         && late == 0;
     let report = json!({
@@ -278,6 +311,8 @@ pub async fn run(
         "reset": reset,
         "unexpected_data": data,
         "still_open": open,
+        "handed_over": handed,
+        "still_on_old_generation": handed_elsewhere,
         "closed_after_deadline": late,
         "deadline_ms_after_signal": deadline_ms,
         "close_ms_after_signal": spread,
@@ -308,7 +343,7 @@ pub async fn run(
     );
     let _ = writeln!(
         o,
-        "closed cleanly {clean}, reset {reset}, unexpected data {data}, still open {open}, closed after the deadline ({deadline_ms:.0} ms) {late}"
+        "closed cleanly {clean}, handed over (open, then answered by the new generation) {handed}, reset {reset}, unexpected data {data}, open but unanswered {open}, still on the old generation {handed_elsewhere}, closed after the deadline ({deadline_ms:.0} ms) {late}"
     );
     let _ = writeln!(
         o,

@@ -2,11 +2,15 @@
 //! cost? Drives load against a server while it is restarted (self-upgrade, master, or
 //! stop-and-start), counts every request by outcome, times each handoff and drain, and
 //! prints a table and writes JSON. Also: steady-state throughput of reborn's serve
-//! against plain `axum::serve`, and a drain of many idle keep-alive connections.
+//! against plain `axum::serve`, and a drain of many idle keep-alive connections. And a
+//! fleet: instances in network namespaces behind HAProxy, through rolling upgrades and
+//! replacements.
 //!
-//! Loopback only; every run is bounded in count and time.
+//! Loopback only (the fleet: loopback and the namespaces' addresses it made); every run
+//! is bounded in count and time.
 
 mod baddeploy;
+mod fleet;
 mod idle;
 mod load;
 mod restart;
@@ -41,15 +45,21 @@ use crate::restart::{RestartPath, TargetOpts};
         idle:    many idle keep-alive connections on the old generation; check each is \
         closed cleanly within the idle grace + 1 s of an upgrade.\n\
         websocket: many WebSocket clients through upgrades under load; each must get close \
-        code 1012 at its moment in the eviction window and reconnect to the new generation.\n\n\
-        Every run is bounded in time and count, and talks to loopback only.",
+        code 1012 at its moment in the eviction window and reconnect to the new generation.\n\
+        fleet:   instances in network namespaces of their own behind HAProxy (/readyz checks, \
+        retries 0) under clients that never retry, through rolling in-place upgrades and \
+        rolling replacements with and without a shutdown delay; requests failed, time per \
+        instance and in all.\n\n\
+        Every run is bounded in time and count, and talks to loopback only (fleet: and to \
+        the addresses of the namespaces it made).",
     after_help = "Examples:\n  \
         reborn-bench restart --path self --mode keepalive -c 64 --restarts 100 --interval-ms 250 --json self-ka.json\n  \
         reborn-bench restart --path stop-start --mode newconn --restarts 20\n  \
         reborn-bench restart --path self --url http://127.0.0.1:8080/ping --pid-file /run/app.pid\n  \
         reborn-bench steady --duration-s 10 --rounds 3\n  \
         reborn-bench idle --connections 10000 --path master\n  \
-        reborn-bench websocket --clients 10000 --upgrades 1 --window-ms 2000"
+        reborn-bench websocket --clients 10000 --upgrades 1 --window-ms 2000\n  \
+        reborn-bench fleet --instances 3 --rounds 3 --shutdown-delay-ms 1000 --json fleet.json"
 )]
 struct Cli {
     /// Keep the servers' logs, PID files and control sockets in this directory
@@ -73,6 +83,44 @@ enum Cmd {
     /// WebSocket clients through upgrades: 1012 at each one's moment, abnormal closes,
     /// reconnect times, the spread of reconnects.
     Websocket(WebSocketArgs),
+    /// Instances in network namespaces behind HAProxy through rolling upgrades and
+    /// replacements: requests failed, time per instance and in all.
+    Fleet(FleetArgs),
+}
+
+#[derive(Debug, Args)]
+struct FleetArgs {
+    /// The bench-server binary [default: bench-server next to reborn-bench]. Each
+    /// instance runs its own copy; the in-place upgrade deploys variants of it (the same
+    /// file plus a few bytes: another build-id).
+    #[arg(long, value_name = "PATH")]
+    server: Option<PathBuf>,
+    /// An extra argument for every instance (repeatable), e.g. --server-arg=--idle-grace-ms=500.
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+    /// Instances, each in a network namespace of its own (root; loopback ports without).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=8))]
+    instances: u64,
+    /// Rounds of the in-place upgrade, each over every instance.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    rounds: u64,
+    /// The shutdown delay of replace-delay (ms): after SIGTERM an instance serves on this
+    /// long while /readyz answers 503, then drains.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=20_000))]
+    shutdown_delay_ms: u64,
+    /// HTTP/1.1 clients that keep their connection to HAProxy alive (never retrying).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(0..=256))]
+    keep_alive: u64,
+    /// HTTP/1.1 clients that open a new connection to HAProxy per request.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=256))]
+    new_conn: u64,
+    /// Which deploys: in-place, replace-delay, replace-no-delay, or all three (each on a
+    /// fleet of its own).
+    #[arg(long, value_enum, default_value = "all")]
+    scenario: fleet::Scenario,
+    /// Write the report as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -430,6 +478,25 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
             let (report, text) = websocket::run(cfg).await?;
             print!("{text}");
             write_json(a.json.as_deref(), &report)?;
+        }
+        Cmd::Fleet(a) => {
+            let cfg = fleet::FleetRun {
+                server: a.server.clone().unwrap_or_else(|| sibling("bench-server")),
+                server_args: a.server_args.clone(),
+                dir: dir.to_path_buf(),
+                instances: a.instances as usize,
+                rounds: a.rounds as usize,
+                shutdown_delay: Duration::from_millis(a.shutdown_delay_ms),
+                keep_alive: a.keep_alive as usize,
+                new_conn: a.new_conn as usize,
+                scenario: a.scenario,
+            };
+            let (report, text) = fleet::run(cfg).await?;
+            print!("{text}");
+            write_json(a.json.as_deref(), &report)?;
+            if !report["errors"].as_array().is_none_or(|e| e.is_empty()) {
+                return Err("a fleet scenario could not run (see above)".into());
+            }
         }
     }
     Ok(())

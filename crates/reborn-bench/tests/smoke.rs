@@ -157,7 +157,7 @@ fn help_describes_the_subcommands() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    for word in ["restart", "steady", "idle", "websocket"] {
+    for word in ["restart", "steady", "idle", "websocket", "fleet"] {
         assert!(text.contains(word), "{text}");
     }
 }

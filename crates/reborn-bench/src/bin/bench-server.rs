@@ -8,7 +8,8 @@
 //! answers the same after N ms. `GET /ws` is a WebSocket that says `hello pid=<pid>`,
 //! echoes what it is sent, and at its connection's moment to leave
 //! ([`reborn::Draining`], spread over `--eviction-window-ms`) sends close code 1012
-//! and waits for the client's close. The build-id is the xxh3-64 digest of the process's own
+//! and waits for the client's close. `GET /readyz` is reborn's readiness endpoint (503
+//! from `--shutdown-delay-ms` on). The build-id is the xxh3-64 digest of the process's own
 //! executable (`/proc/self/exe`, the inode it was started from), so a rebuilt or replaced
 //! binary answers differently.
 //!
@@ -84,6 +85,9 @@ struct Args {
     /// [default: a tenth of the drain timeout].
     #[arg(long, value_name = "MS")]
     eviction_window_ms: Option<u64>,
+    /// After SIGTERM, keep serving this long while /readyz answers 503, then drain (ms).
+    #[arg(long, value_name = "MS")]
+    shutdown_delay_ms: Option<u64>,
 }
 
 /// `?sleep_ms=N`.
@@ -394,6 +398,9 @@ fn run_reborn(
     if let Some(ms) = args.probation_ms {
         builder = builder.probation(Duration::from_millis(ms));
     }
+    if let Some(ms) = args.shutdown_delay_ms {
+        builder = builder.shutdown_delay(Duration::from_millis(ms));
+    }
     if let (Some(ms), Some(flag)) = (args.crash_after_ready_ms, &args.crash_flag)
         && flag.exists()
     {
@@ -419,7 +426,8 @@ fn run_reborn(
         t_listen.as_micros(),
         started.elapsed().as_micros()
     );
-    rt.block_on(reborn.serve(listener, router(state)))?;
+    let app = router(state).route_service("/readyz", reborn.readiness());
+    rt.block_on(reborn.serve(listener, app))?;
     Ok(())
 }
 
