@@ -459,6 +459,9 @@ struct ConnFacts {
     /// request body, or more than one request head at a time (pipelining). Such a
     /// connection is never handed over.
     unsure: AtomicBool,
+    /// A handoff of this connection failed (refused, or the channel broke): it stays
+    /// here, under the usual drain, and its responses say `Connection: close` again.
+    kept: AtomicBool,
     /// How much of a request head's end (`\r\n\r\n`) the last bytes read between
     /// requests matched.
     head_end: AtomicU8,
@@ -490,11 +493,17 @@ impl ConnFacts {
         self.head_end.store(matched as u8, Ordering::Relaxed);
     }
 
+    /// Whether the connection may move to the next generation once it is idle: nothing
+    /// it sent may be stuck in hyper, and no handoff of it failed.
+    fn may_move(&self) -> bool {
+        !self.unsure.load(Ordering::SeqCst) && !self.kept.load(Ordering::SeqCst)
+    }
+
     /// Whether the connection is between requests with nothing held in hyper: its socket
     /// can change hands.
     fn can_hand_over(&self, record: &ConnRecord) -> bool {
         !self.http2.load(Ordering::SeqCst)
-            && !self.unsure.load(Ordering::SeqCst)
+            && self.may_move()
             && !self.head_arriving.load(Ordering::SeqCst)
             && !self.write_pending.load(Ordering::SeqCst)
             && self.responses_open.load(Ordering::SeqCst) == 0
@@ -945,10 +954,8 @@ pub(crate) async fn serve_connection<IO, S, B>(
     let plan = handoff.map(Arc::new);
     let handing_over = plan.as_ref().map(|plan| {
         let (plan, facts, control) = (plan.clone(), facts.clone(), phase.control.clone());
-        Arc::new(move || {
-            !facts.unsure.load(Ordering::SeqCst)
-                && plan.state(&control) != crate::handoff::Outbox::None
-        }) as Arc<dyn Fn() -> bool + Send + Sync>
+        Arc::new(move || facts.may_move() && plan.state(&control) != crate::handoff::Outbox::None)
+            as Arc<dyn Fn() -> bool + Send + Sync>
     });
     let service = DrainService {
         inner: service,
@@ -1007,7 +1014,7 @@ pub(crate) async fn serve_connection<IO, S, B>(
                             conn.as_mut().graceful_shutdown();
                         }
                     } else if !shut_down
-                        && !facts.unsure.load(Ordering::SeqCst)
+                        && facts.may_move()
                         && plan.as_ref().is_some_and(|p| {
                             p.state(&phase.control) != crate::handoff::Outbox::None
                         })
@@ -1041,7 +1048,7 @@ pub(crate) async fn serve_connection<IO, S, B>(
                     // On probation: stay, until it passes or dies.
                     None if state == crate::handoff::Outbox::Waiting => {}
                     Some(_) if !facts.can_hand_over(&phase.record) => {
-                        if facts.unsure.load(Ordering::SeqCst) {
+                        if !facts.may_move() {
                             handing = false;
                             grace = Some(Box::pin(tokio::time::sleep(timing.idle_grace)));
                         } else {
@@ -1057,6 +1064,8 @@ pub(crate) async fn serve_connection<IO, S, B>(
                         if plan.hand(&sender).await {
                             return;
                         }
+                        // Refused, or the channel broke: the usual drain, from now on.
+                        facts.kept.store(true, Ordering::SeqCst);
                         handing = false;
                         grace = Some(Box::pin(tokio::time::sleep(timing.idle_grace)));
                     }

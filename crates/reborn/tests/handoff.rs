@@ -152,6 +152,50 @@ fn with_handoff_off_keep_alive_clients_reconnect() {
     server.stop_current();
 }
 
+/// A connection the new generation refuses (it serves another listener now) falls back
+/// to the usual drain: from then on its answers say `Connection: close`, so its client
+/// leaves between requests instead of meeting the idle grace's close under a request.
+#[test]
+fn a_connection_the_new_generation_refuses_is_told_to_close() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let mut server = common::Server::start(&["--probation-ms", "0", "--idle-grace-ms", "60000"]);
+    let old = server.proc.pid();
+    let mut conn = TcpStream::connect(server.addr).expect("connect");
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let first = ping_on(&mut conn).expect("a first request");
+    assert_eq!(common::body_pid(&first), Some(old));
+    server.deploy_variant("\nknob:listener=web@127.0.0.2:0\nknob:close-unclaimed=1\n");
+    signal(old, libc::SIGHUP);
+    server.wait_pid_file_moves_from(old);
+    server.proc.wait_line("the drain", |l| {
+        l.contains("no longer accepting; draining").then_some(())
+    });
+    // The idle grace (60 s) cannot end it meanwhile: only the fallback says close.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = ping_on(&mut conn).expect("every request on the kept connection is answered");
+        assert_eq!(common::body_pid(&answer), Some(old), "{answer}");
+        if answer.contains("connection: close") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "20 s after the drain began, the refused connection's answers still did not say \
+             Connection: close"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut rest = [0u8; 1];
+    assert_eq!(conn.read(&mut rest).expect("a clean close"), 0);
+    server.proc.wait_line("the drain's counts", |l| {
+        l.contains("0 idle connection(s) handed to the next generation, 1 kept")
+            .then_some(())
+    });
+    wait_gone(old);
+    server.stop_current();
+}
+
 /// Requests sent right at the moment of a handoff: 12 keep-alive clients, each pausing a
 /// different few hundred microseconds between its requests so that their next requests
 /// fall before, at and after the moment their connection changes hands, through 10
