@@ -674,3 +674,107 @@ impl Counts {
         self.fell_back.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The channel between two generations, over a real socket pair, with real TCP
+    //! connections handed across it.
+
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::unix::net::UnixStream as StdUnixStream;
+
+    /// The old generation's sender on one end of a socket pair; the other end is the new
+    /// generation's.
+    fn channel() -> (HandoffSender, StdUnixStream) {
+        let (old, new) = StdUnixStream::pair().expect("a socket pair");
+        old.set_nonblocking(true).expect("non-blocking");
+        let old = tokio::net::UnixStream::from_std(old).expect("registered");
+        (HandoffSender::start(old), new)
+    }
+
+    /// A connection on loopback: the client's end, and the server's end to hand over.
+    fn connection() -> (TcpStream, OwnedFd) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        (client, OwnedFd::from(server))
+    }
+
+    #[tokio::test]
+    async fn a_connection_served_by_the_new_generation_moves_with_what_the_client_sent() {
+        let (sender, new) = channel();
+        let (got, taken) = std::sync::mpsc::channel();
+        tokio::spawn(receive(new, move |r| got.send(r).is_ok()));
+        let (mut client, server_end) = connection();
+        // Sent while the old generation owns the socket and reads nothing.
+        client.write_all(b"GET / HTTP/1.1\r\n").expect("write");
+        assert!(sender.hand(server_end, "http").await, "served");
+        let received = taken.recv().expect("delivered");
+        assert_eq!(received.listener, "http");
+        let mut moved = TcpStream::from(received.socket);
+        let mut head = [0u8; 16];
+        moved
+            .read_exact(&mut head)
+            .expect("the bytes moved with the socket");
+        assert_eq!(&head, b"GET / HTTP/1.1\r\n");
+        moved.write_all(b"ok").expect("write back");
+        let mut answer = [0u8; 2];
+        client
+            .read_exact(&mut answer)
+            .expect("the client is answered");
+        assert_eq!(&answer, b"ok");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_new_generation_refuses_stays_with_the_old_one() {
+        let (sender, new) = channel();
+        tokio::spawn(receive(new, |_| false));
+        let (_client, server_end) = connection();
+        assert!(!sender.hand(server_end, "http").await);
+        assert!(sender.is_open(), "a refusal does not end the channel");
+    }
+
+    #[tokio::test]
+    async fn a_channel_that_breaks_fails_every_connection_waiting_for_an_answer() {
+        let (sender, new) = channel();
+        let (_a, first) = connection();
+        let (_b, second) = connection();
+        let waiting = [
+            tokio::spawn({
+                let sender = sender.clone();
+                async move { sender.hand(first, "http").await }
+            }),
+            tokio::spawn({
+                let sender = sender.clone();
+                async move { sender.hand(second, "http").await }
+            }),
+        ];
+        // The new generation reads both frames (a blocking read: tokio's would take a
+        // read that stops at a descriptor's boundary for a drained socket), then dies
+        // without answering.
+        tokio::task::spawn_blocking(move || {
+            let mut new = new;
+            let mut frames = [0u8; 2 * FRAME];
+            new.read_exact(&mut frames).expect("two frames");
+        })
+        .await
+        .expect("joined");
+        for hand in waiting {
+            assert!(!hand.await.expect("joined"), "fell back");
+        }
+        let (_c, third) = connection();
+        assert!(
+            !sender.hand(third, "http").await,
+            "nothing is sent any more"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listener_name_that_does_not_fit_a_frame_is_not_sent() {
+        let (sender, _new) = channel();
+        let (_client, server_end) = connection();
+        assert!(!sender.hand(server_end, &"x".repeat(MAX_NAME + 1)).await);
+    }
+}
