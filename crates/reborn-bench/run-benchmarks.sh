@@ -105,7 +105,8 @@ if [[ -z ${ONLY:-} || static =~ $ONLY ]]; then
     rm -rf "$OUT/logs/light-self-static"
     run "light-self-newconn-static" --work-dir "$OUT/logs/light-self-static" restart \
         --server "$CARGO_TARGET_DIR/static/x86_64-unknown-linux-gnu/release/bench-server" \
-        --path self --mode newconn -c 4 --rate 4000 --restarts 300 --interval-ms 250 --max-time-s 300    # The build the crate docs recommend: static, still position-independent (static-pie).
+        --path self --mode newconn -c 4 --rate 4000 --restarts 300 --interval-ms 250 --max-time-s 300
+    # The build the crate docs recommend: static, still position-independent (static-pie).
     RUSTFLAGS="-C target-feature=+crt-static" \
         CARGO_TARGET_DIR="$CARGO_TARGET_DIR/static-pie" \
         cargo build --release -p reborn-bench --bin bench-server --target x86_64-unknown-linux-gnu
