@@ -7,6 +7,9 @@
 //! kill -HUP <pid>
 //! ```
 //!
+//! `/peer` answers the client's address: axum's `ConnectInfo<SocketAddr>` works over TLS
+//! too, filled from the socket before the handshake.
+//!
 //! The certificate and key are read from `--cert-dir` (`cert.pem`, `key.pem`); when they
 //! are missing a self-signed pair for `localhost` is made and written there, so the next
 //! generation serves the same certificate.
@@ -15,7 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::{Router, extract::Query, routing::get};
+use axum::{
+    Router,
+    extract::{ConnectInfo, Query},
+    routing::get,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -69,16 +76,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reborn = reborn::Reborn::new()?;
     let listener = reborn.listen("https", &addr)?;
     println!("listening on {}", listener.local_addr());
-    let app = Router::new().route(
-        "/ping",
-        get(move |Query(p): Query<PingParams>| async move {
-            if let Some(ms) = p.sleep_ms {
-                println!("slow request started: {ms} ms");
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-            }
-            format!("pong pid={pid}")
-        }),
-    );
+    let app = Router::new()
+        .route(
+            "/ping",
+            get(move |Query(p): Query<PingParams>| async move {
+                if let Some(ms) = p.sleep_ms {
+                    println!("slow request started: {ms} ms");
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                format!("pong pid={pid}")
+            }),
+        )
+        .route(
+            "/peer",
+            get(
+                |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>| async move {
+                    format!("peer={peer}")
+                },
+            ),
+        );
     tokio::runtime::Runtime::new()?.block_on(async move {
         reborn
             .serve_with(listener, move |conn| acceptor.accept(conn), app)

@@ -131,9 +131,29 @@ fn user_hooks_run_on_sigusr1_and_sigtstp() {
 
 #[test]
 fn http2_clients_get_goaway_and_their_streams_finish() {
+    let mut server = Server::start(&[]);
+    http2_stream_finishes_then_goaway(&server, libc::SIGTERM);
+    assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
+}
+
+/// HTTP/2 connections are not handed to the next generation (only plain HTTP/1.1 moves):
+/// at an upgrade too they get GOAWAY, their open streams finish, and the old generation
+/// exits.
+#[test]
+fn http2_clients_get_goaway_at_an_upgrade_too() {
+    let mut server = Server::start(&[]);
+    let old = server.proc.pid();
+    http2_stream_finishes_then_goaway(&server, libc::SIGHUP);
+    assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
+    assert_ne!(server.serving_pid(), Some(old));
+    server.stop_current();
+}
+
+/// An HTTP/2 connection with a slow stream open when `signal` arrives: the stream
+/// finishes, then the server ends the connection gracefully (GOAWAY), not with a reset.
+fn http2_stream_finishes_then_goaway(server: &Server, signal_number: libc::c_int) {
     use http_body_util::{BodyExt, Empty};
     use hyper::body::Bytes;
-    let mut server = Server::start(&[]);
     let addr = server.addr;
     let pid = server.proc.pid();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -158,8 +178,8 @@ fn http2_clients_get_goaway_and_their_streams_finish() {
         let first = sender.send_request(req("/ping")).await.unwrap();
         assert_eq!(first.version(), http::Version::HTTP_2);
         let slow = tokio::spawn(sender.send_request(req("/ping?sleep_ms=1500")));
-        tokio::task::block_in_place(|| wait_slow_started(&server));
-        signal(pid, libc::SIGTERM);
+        tokio::task::block_in_place(|| wait_slow_started(server));
+        signal(pid, signal_number);
         let resp = slow
             .await
             .unwrap()
@@ -173,7 +193,6 @@ fn http2_clients_get_goaway_and_their_streams_finish() {
             .expect("the connection ends");
         ended.unwrap().expect("a graceful GOAWAY, not a reset");
     });
-    assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
 }
 
 #[test]
