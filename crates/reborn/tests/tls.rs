@@ -97,6 +97,35 @@ fn start_tls(dir: &std::path::Path) -> (Proc, std::net::SocketAddr, std::path::P
     (proc, addr, dir.join("cert.pem"))
 }
 
+/// Once the first generation has a slow request in flight, `SIGHUP`: the new
+/// generation's PID, once it answers over HTTPS.
+fn upgrade_with_a_slow_request_in_flight(
+    proc: &Proc,
+    rt: &tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+    cert: &std::path::Path,
+) -> u32 {
+    let first = proc.pid();
+    proc.wait_line("the slow request", |l| {
+        l.starts_with("slow request started").then_some(())
+    });
+    signal(first, libc::SIGHUP);
+    wait_for("the new generation over HTTPS", PATIENCE, || {
+        rt.block_on(https_get(addr, cert, "/ping"))
+            .ok()
+            .and_then(|b| body_pid(&b))
+            .filter(|p| *p != first)
+    })
+}
+
+/// `SIGTERM`s a generation that is not our child, and waits for it to be gone.
+fn stop(pid: u32) {
+    signal(pid, libc::SIGTERM);
+    wait_for("the generation to exit", PATIENCE, || {
+        (!alive(pid)).then_some(())
+    });
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -120,26 +149,14 @@ fn https_server_upgrades_without_dropping_tls_requests() {
         let cert = cert.clone();
         async move { https_get(addr, &cert, "/ping?sleep_ms=1500").await }
     });
-    proc.wait_line("the slow request", |l| {
-        l.starts_with("slow request started").then_some(())
-    });
-    signal(first, libc::SIGHUP);
-    let second = wait_for("the new generation over HTTPS", PATIENCE, || {
-        rt.block_on(https_get(addr, &cert, "/ping"))
-            .ok()
-            .and_then(|b| body_pid(&b))
-            .filter(|p| *p != first)
-    });
+    let second = upgrade_with_a_slow_request_in_flight(&proc, &rt, addr, &cert);
     let slow = rt
         .block_on(slow)
         .unwrap()
         .expect("the in-flight TLS request completes");
     assert_eq!(body_pid(&slow), Some(first));
     assert_eq!(proc.wait_exit(PATIENCE), Some(0));
-    signal(second, libc::SIGTERM);
-    wait_for("the second generation to exit", PATIENCE, || {
-        (!alive(second)).then_some(())
-    });
+    stop(second);
 }
 
 /// axum's `ConnectInfo<SocketAddr>` over TLS (`serve_with`) is the client's real address.
@@ -175,16 +192,7 @@ fn a_tls_connection_keeps_the_usual_drain_at_an_upgrade() {
     // Long enough to outlast the new generation's start on a loaded machine: the answer
     // is made during the drain.
     let slow = rt.spawn(async move { ask(&mut sender, "/ping?sleep_ms=8000").await });
-    proc.wait_line("the slow request", |l| {
-        l.starts_with("slow request started").then_some(())
-    });
-    signal(first, libc::SIGHUP);
-    let second = wait_for("the new generation over HTTPS", PATIENCE, || {
-        rt.block_on(https_get(addr, &cert, "/ping"))
-            .ok()
-            .and_then(|b| body_pid(&b))
-            .filter(|p| *p != first)
-    });
+    let second = upgrade_with_a_slow_request_in_flight(&proc, &rt, addr, &cert);
     let (connection, body) = rt
         .block_on(slow)
         .unwrap()
@@ -196,8 +204,5 @@ fn a_tls_connection_keeps_the_usual_drain_at_an_upgrade() {
         .unwrap()
         .expect("cleanly");
     assert_eq!(proc.wait_exit(PATIENCE), Some(0));
-    signal(second, libc::SIGTERM);
-    wait_for("the second generation to exit", PATIENCE, || {
-        (!alive(second)).then_some(())
-    });
+    stop(second);
 }
