@@ -36,6 +36,15 @@ fn ensure_built(path: PathBuf, package: &str, kind: &str, name: &str) -> PathBuf
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", package, kind, name]);
+        // What cargo set for this test process describes the test's own package. A build
+        // script that watches one of them (ring's watches CARGO_MANIFEST_DIR and OUT_DIR)
+        // would rerun, and the next `cargo test` would rebuild it all again the other way.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if is_set_by_cargo_for_the_test(&key) {
+                cmd.env_remove(&*key);
+            }
+        }
         if let Some(features) = std::env::var_os(FEATURES_VAR).filter(|f| !f.is_empty()) {
             cmd.arg("--features").arg(features);
         }
@@ -51,6 +60,23 @@ fn ensure_built(path: PathBuf, package: &str, kind: &str, name: &str) -> PathBuf
     }
     assert!(path.exists(), "{} was not built", path.display());
     path
+}
+
+/// Whether `key` is one of the variables cargo sets for the crate it runs (`OUT_DIR` when
+/// the package has a build script), not one of the user's settings such as `CARGO_HOME`
+/// or `CARGO_TARGET_DIR`.
+fn is_set_by_cargo_for_the_test(key: &str) -> bool {
+    matches!(
+        key,
+        "CARGO_MANIFEST_DIR"
+            | "CARGO_MANIFEST_PATH"
+            | "CARGO_CRATE_NAME"
+            | "CARGO_PRIMARY_PACKAGE"
+            | "CARGO_TARGET_TMPDIR"
+            | "CARGO_RUSTC_CURRENT_DIR"
+            | "OUT_DIR"
+    ) || key.starts_with("CARGO_PKG_")
+        || key.starts_with("CARGO_BIN_EXE_")
 }
 
 /// The path of a binary target of a workspace package, built if missing.
