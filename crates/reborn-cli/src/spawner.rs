@@ -7,7 +7,9 @@
 //! happens here, on a thread that only ends with the process.
 //!
 //! The fork itself is `reborn::spawn::SpawnSpec`: everything is prepared before the fork
-//! and only async-signal-safe calls run between fork and exec. The listening sockets are
+//! and only async-signal-safe calls run between fork and exec. A program file that is
+//! busy (still open for writing) is tried again for up to a second, as a self-upgrade
+//! does. The listening sockets are
 //! owned by this thread; the rest of the master only refers to them by index.
 
 use std::ffi::OsString;
@@ -106,7 +108,19 @@ fn spawn_one(
     // A process group of its own (setpgid in the child, before exec: async-signal-safe),
     // so that what the worker starts is stopped with it (see `crate::groups`).
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = cmd.spawn()?;
+    // "Text file busy": the program is still being written (a deploy still copying it).
+    // Give the writer a moment rather than fail the start, as a self-upgrade does.
+    let mut busy_retries = reborn::spawn::BUSY_RETRIES;
+    let child = loop {
+        match cmd.spawn() {
+            Err(e) if reborn::spawn::is_busy(&e) && busy_retries > 0 => {
+                busy_retries -= 1;
+                tracing::info!(program = %job.program.display(), "the program is busy (still being written?); retrying");
+                std::thread::sleep(reborn::spawn::BUSY_PAUSE);
+            }
+            other => break other?,
+        }
+    };
     // The reaper collects the status; dropping `Child` does not wait.
     Ok(child.id())
 }

@@ -127,6 +127,36 @@ fn missing_program_fails_the_upgrade() {
     assert_eq!(ping(master.addr).1, old_pid);
 }
 
+/// A program still open for writing when the master starts it ("Text file busy": a
+/// deploy still copying it) is started once the writer lets go, as a self-upgrade does:
+/// the master tries again for up to a second instead of giving up.
+#[test]
+fn a_program_still_being_written_is_started_once_the_writer_is_done() {
+    let dir = tempdir();
+    let app = copy_to(&bench_server(), dir.path(), "app");
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&app)
+        .expect("open the program for writing");
+    let master = Master::start(
+        dir.path(),
+        &[],
+        &[
+            app.as_os_str(),
+            OsStr::new("--addr"),
+            OsStr::new("127.0.0.1:0"),
+        ],
+    );
+    master
+        .proc
+        .wait_line("the master to find the program busy", |l| {
+            l.contains("the program is busy").then_some(())
+        });
+    drop(writer);
+    let pid = master.wait_serving();
+    assert_eq!(ping(master.addr).1, pid);
+}
+
 /// An old worker that ignores its stop signal is killed at the drain deadline.
 #[test]
 fn old_worker_ignoring_stop_is_killed_at_the_deadline() {

@@ -467,6 +467,21 @@ fn write_decimal(out: &mut [u8], mut value: u64) {
     out[len] = 0;
 }
 
+/// How many times a start that failed because the program file is busy is tried again,
+/// [`BUSY_PAUSE`] apart (a second in all): see [`is_busy`].
+pub const BUSY_RETRIES: u32 = 20;
+
+/// The pause between two tries of a start that failed because the program file is busy.
+pub const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Whether a start failed with "Text file busy" (`ETXTBSY`): the program file is open
+/// for writing somewhere, by a deploy still copying it or by a child that another thread
+/// has just forked and that has not yet reached its `exec`. Both pass in a moment: the
+/// start is worth trying again, [`BUSY_RETRIES`] times at most.
+pub fn is_busy(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(libc::ETXTBSY)
+}
+
 /// Finds `program` as a shell would: a name with a `/` is used as is, a bare name is
 /// looked up in `PATH` (executable regular files only).
 pub fn resolve_program(program: &OsStr) -> Option<PathBuf> {

@@ -344,13 +344,13 @@ async fn spawn_and_wait(
     };
     // "Text file busy": the file is being written right now (a deploy still copying
     // it). Give the writer a moment rather than fail the upgrade.
-    let mut busy_retries = 20;
+    let mut busy_retries = crate::spawn::BUSY_RETRIES;
     let mut child = loop {
         match spawn_child(inner, path, manager, &receiver, handoff.as_ref()) {
-            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && busy_retries > 0 => {
+            Err(e) if crate::spawn::is_busy(&e) && busy_retries > 0 => {
                 busy_retries -= 1;
                 tracing::info!(path = %path.display(), "the binary is busy (still being written?); retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(crate::spawn::BUSY_PAUSE).await;
             }
             other => break other.map_err(spawn_err)?,
         }
