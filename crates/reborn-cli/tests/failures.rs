@@ -12,24 +12,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Master, bench_server, ping, reborn, refused, tempdir};
+use common::{Master, bench_server, ping, reborn, refused, start_app, tempdir};
 use reborn_testkit::Load;
 use reborn_testkit::{PATIENCE, alive, copy_to, replace_with_script, signal, wait_for};
-
-fn start_app(dir: &Path, opts: &[&str]) -> (Master, std::path::PathBuf) {
-    let app = copy_to(&bench_server(), dir, "app");
-    let master = Master::start(
-        dir,
-        opts,
-        &[
-            app.as_os_str(),
-            OsStr::new("--addr"),
-            OsStr::new("127.0.0.1:0"),
-        ],
-    );
-    master.wait_serving();
-    (master, app)
-}
 
 /// A new worker that exits before it is ready: the upgrade fails with the reason, the
 /// old worker keeps serving, and no request fails meanwhile.
@@ -138,15 +123,7 @@ fn a_program_still_being_written_is_started_once_the_writer_is_done() {
         .write(true)
         .open(&app)
         .expect("open the program for writing");
-    let master = Master::start(
-        dir.path(),
-        &[],
-        &[
-            app.as_os_str(),
-            OsStr::new("--addr"),
-            OsStr::new("127.0.0.1:0"),
-        ],
-    );
+    let master = Master::start_bench(dir.path(), &[], &app);
     master
         .proc
         .wait_line("the master to find the program busy", |l| {

@@ -11,24 +11,8 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Master, bench_server, ping, reborn, tempdir};
+use common::{Master, bench_server, ping, reborn, start_app, tempdir};
 use reborn_testkit::{PATIENCE, Proc, alive, copy_to, replace_with_script, signal, wait_for};
-
-/// `reborn run` of the demo server, serving.
-fn start_app(dir: &Path, opts: &[&str]) -> (Master, std::path::PathBuf) {
-    let app = copy_to(&bench_server(), dir, "app");
-    let master = Master::start(
-        dir,
-        opts,
-        &[
-            app.as_os_str(),
-            OsStr::new("--addr"),
-            OsStr::new("127.0.0.1:0"),
-        ],
-    );
-    master.wait_serving();
-    (master, app)
-}
 
 /// A second `reborn run` under the same control socket is refused, and on its way out
 /// leaves the running master's control socket and PID file in place: the running master

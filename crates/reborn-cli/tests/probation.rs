@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::ffi::OsStr;
 
 use common::{Master, parse_pong, ping, tempdir};
 use reborn_testkit::{Load, PATIENCE, alive, copy_to, replace_with_variant, signal, wait_for};
@@ -114,14 +113,10 @@ fn a_crash_restart_runs_the_pinned_binary_not_the_file_now_at_the_path() {
 fn with_probation_off_a_crash_after_ready_restarts_the_path() {
     let dir = tempdir();
     let app = copy_to(&testserver(), dir.path(), "app");
-    let master = Master::start(
+    let master = Master::start_bench(
         dir.path(),
         &["--probation", "0", "--backoff-max", "200ms"],
-        &[
-            app.as_os_str(),
-            OsStr::new("--addr"),
-            OsStr::new("127.0.0.1:0"),
-        ],
+        &app,
     );
     master.wait_serving();
     replace_with_variant(&app, &testserver(), b"\nknob:abort-after-ready-ms=300\n");

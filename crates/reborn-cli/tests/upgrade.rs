@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::ffi::OsStr;
 use std::time::{Duration, Instant};
 
 use common::{Master, bench_server, ping, refused, tempdir};
@@ -18,15 +17,7 @@ fn ten_upgrades_under_load_lose_nothing() {
     let dir = tempdir();
     let bench = bench_server();
     let app = copy_to(&bench, dir.path(), "app");
-    let master = Master::start(
-        dir.path(),
-        &[],
-        &[
-            app.as_os_str(),
-            OsStr::new("--addr"),
-            OsStr::new("127.0.0.1:0"),
-        ],
-    );
+    let master = Master::start_bench(dir.path(), &[], &app);
     master.wait_serving();
     let load = Load::start(master.addr, "/ping", 4, 2);
     load.wait_progress(50);
@@ -75,15 +66,7 @@ fn ten_upgrades_under_load_lose_nothing() {
 fn sighup_upgrades_and_generations_drain_side_by_side() {
     let dir = tempdir();
     let bench = bench_server();
-    let master = Master::start(
-        dir.path(),
-        &["--drain-timeout", "20s"],
-        &[
-            bench.as_os_str(),
-            OsStr::new("--addr"),
-            OsStr::new("127.0.0.1:0"),
-        ],
-    );
+    let master = Master::start_bench(dir.path(), &["--drain-timeout", "20s"], &bench);
     let first = master.wait_serving();
     let status = master.status();
     assert_eq!(status["generation"], 1);
@@ -235,14 +218,10 @@ fn sigterm_stops_gracefully() {
     let dir = tempdir();
     let bench = bench_server();
     let pid_file = dir.path().join("master.pid");
-    let mut master = Master::start(
+    let mut master = Master::start_bench(
         dir.path(),
         &["--pid-file", pid_file.to_str().unwrap()],
-        &[
-            bench.as_os_str(),
-            OsStr::new("--addr"),
-            OsStr::new("127.0.0.1:0"),
-        ],
+        &bench,
     );
     let worker = master.wait_serving();
     assert_eq!(
@@ -270,15 +249,7 @@ fn sigterm_stops_gracefully() {
 fn stop_command_waits_for_the_exit() {
     let dir = tempdir();
     let bench = bench_server();
-    let mut master = Master::start(
-        dir.path(),
-        &[],
-        &[
-            bench.as_os_str(),
-            OsStr::new("--addr"),
-            OsStr::new("127.0.0.1:0"),
-        ],
-    );
+    let mut master = Master::start_bench(dir.path(), &[], &bench);
     let worker = master.wait_serving();
     let out = master.client("stop", &[]);
     assert!(out.status.success(), "{out:?}");
@@ -294,15 +265,7 @@ fn stop_command_waits_for_the_exit() {
 fn library_worker_leaves_upgrades_to_the_master() {
     let dir = tempdir();
     let demo = reborn_testkit::example("reborn", "ping");
-    let master = Master::start(
-        dir.path(),
-        &[],
-        &[
-            demo.as_os_str(),
-            OsStr::new("--addr"),
-            OsStr::new("127.0.0.1:0"),
-        ],
-    );
+    let master = Master::start_bench(dir.path(), &[], &demo);
     let worker = master.wait_serving();
     signal(worker, libc::SIGHUP);
     master

@@ -51,11 +51,33 @@ pub struct Master {
     pub addr: SocketAddr,
 }
 
+/// A master serving a copy of bench-server at `dir/app` (which a test may replace, to
+/// upgrade), once its first worker serves; the master and the copy's path.
+pub fn start_app(dir: &Path, opts: &[&str]) -> (Master, PathBuf) {
+    let app = reborn_testkit::copy_to(&bench_server(), dir, "app");
+    let master = Master::start_bench(dir, opts, &app);
+    master.wait_serving();
+    (master, app)
+}
+
 impl Master {
     /// Starts `reborn run --listen http=127.0.0.1:0 --control DIR/ctl.sock OPTS -- PROGRAM`,
     /// and waits until it prints its listener's address.
     pub fn start(dir: &Path, opts: &[&str], program: &[&OsStr]) -> Master {
         Self::start_on(dir, "127.0.0.1:0", opts, program)
+    }
+
+    /// A master running `app` (bench-server, or a copy of it) on an ephemeral port.
+    pub fn start_bench(dir: &Path, opts: &[&str], app: &Path) -> Master {
+        Self::start(
+            dir,
+            opts,
+            &[
+                app.as_os_str(),
+                OsStr::new("--addr"),
+                OsStr::new("127.0.0.1:0"),
+            ],
+        )
     }
 
     /// Like [`start`](Self::start) on a given address.
