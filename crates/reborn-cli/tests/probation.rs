@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use common::{Master, parse_pong, ping, tempdir};
 use reborn_testkit::{Load, PATIENCE, alive, copy_to, replace_with_variant, signal, wait_for};
 
