@@ -9,8 +9,8 @@
 //! The fork itself is `reborn::spawn::SpawnSpec`: everything is prepared before the fork
 //! and only async-signal-safe calls run between fork and exec. A program file that is
 //! busy (still open for writing) is tried again for up to a second, as a self-upgrade
-//! does. The listening sockets are
-//! owned by this thread; the rest of the master only refers to them by index.
+//! does. The listening sockets are owned by this thread; the rest of the master only
+//! refers to them by index.
 
 use std::ffi::OsString;
 use std::io;

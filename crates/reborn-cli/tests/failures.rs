@@ -357,7 +357,7 @@ fn control_socket_refuses_another_user() {
                 .gid(65534)
                 .output()
             {
-                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                Err(e) if reborn::spawn::is_busy(&e) && tries < 50 => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
