@@ -153,6 +153,8 @@ pub(crate) struct DrainControl {
     epoch: AtomicU64,
     /// When the current drain started.
     started_at: std::sync::Mutex<Option<Instant>>,
+    /// How many of `serve`'s accept loops may still take a connection from the kernel.
+    accept_loops: watch::Sender<usize>,
 }
 
 impl DrainControl {
@@ -168,7 +170,24 @@ impl DrainControl {
             next_conn: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             started_at: std::sync::Mutex::new(None),
+            accept_loops: watch::Sender::new(0),
         }
+    }
+
+    /// Counts an accept loop as accepting until the guard is dropped.
+    pub(crate) fn accept_loop(self: &Arc<Self>) -> AcceptLoop {
+        self.accept_loops.send_modify(|n| *n += 1);
+        AcceptLoop {
+            control: self.clone(),
+        }
+    }
+
+    /// Resolves once no accept loop can take a connection any more (at once if none
+    /// runs).
+    pub(crate) async fn accept_loops_stopped(&self) {
+        let mut rx = self.accept_loops.subscribe();
+        // The sender lives as long as `self`: an error cannot happen while we borrow it.
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     /// When the current drain started, if one has.
@@ -400,6 +419,24 @@ pub(crate) struct PhaseWatch {
     registration: Arc<Registration>,
     record: Arc<ConnRecord>,
     seen: Phase,
+}
+
+/// An accept loop that may still take a connection from the kernel: between its check
+/// of the phase and its `accept` call, another thread may have started the drain.
+/// Counted so that no connection is told to leave before every loop has stopped: a
+/// client told to leave at the drain's first moment reconnects within a millisecond, and
+/// a loop that had not yet seen the phase change could take that very client back.
+#[derive(Debug)]
+pub(crate) struct AcceptLoop {
+    control: Arc<DrainControl>,
+}
+
+impl Drop for AcceptLoop {
+    fn drop(&mut self) {
+        self.control
+            .accept_loops
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// A connection's place among the open ones: it stays while hyper serves the

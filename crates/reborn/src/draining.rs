@@ -152,6 +152,10 @@ impl Draining {
     /// Resolves at this connection's moment to leave: its offset into the eviction
     /// window after the drain starts, or at once at the hammer. If the drain is called
     /// off (the new generation died on probation), it waits for the next one.
+    ///
+    /// Never before the accept loops of [`serve`](crate::Reborn::serve) have stopped: a
+    /// client told to leave reconnects within a millisecond, and must reach the next
+    /// generation, not a loop of this process that had not yet seen the drain start.
     pub async fn moment(&self) {
         let mut rx = self.control.shutdown().receiver();
         loop {
@@ -160,6 +164,17 @@ impl Draining {
             }
             if self.control.phase() == Phase::Hammer {
                 return;
+            }
+            // Not before every accept loop has stopped: a loop that had not yet seen the
+            // drain could take this very client back when it reconnects.
+            tokio::select! {
+                () = self.control.accept_loops_stopped() => {}
+                changed = rx.wait_for(|p| *p != Phase::Draining) => {
+                    if changed.is_err() || self.control.phase() == Phase::Hammer {
+                        return;
+                    }
+                    continue;
+                }
             }
             let started = self
                 .control
@@ -211,5 +226,39 @@ mod tests {
             "no gap wider than 3% of the window: {widest}"
         );
         assert!(slots[0] < 0.01 && slots[99] > 0.98);
+    }
+
+    #[tokio::test]
+    async fn no_moment_comes_while_an_accept_loop_may_still_accept() {
+        use std::sync::Arc;
+        use std::time::Duration;
+
+        use crate::drain::{DrainControl, DrainReason};
+
+        let control = Arc::new(DrainControl::new());
+        // Connection 0's moment is the drain's very start.
+        let draining = super::Draining::new(control.clone(), 0, Duration::from_secs(1));
+        assert_eq!(draining.offset(), Duration::ZERO);
+        let accept_loop = control.accept_loop();
+        assert!(control.claim(DrainReason::Upgraded { successor: 1 }));
+        control.start_draining();
+        let moment = tokio::spawn({
+            let draining = draining.clone();
+            async move { draining.moment().await }
+        });
+        // A loop that has not yet let go could take the client back: no moment yet.
+        let early = tokio::time::timeout(Duration::from_millis(300), async {
+            while !moment.is_finished() {
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(early.is_err(), "the moment came while an accept loop ran");
+        drop(accept_loop);
+        tokio::time::timeout(Duration::from_secs(10), moment)
+            .await
+            .expect("the moment comes once the last accept loop stopped")
+            .expect("the task ends");
     }
 }

@@ -189,6 +189,9 @@ impl Reborn {
         let mut failures = AcceptFailures::default();
         // Connections the previous generation hands over, served as if accepted here.
         let mut handed = inner.handoff.open_inbox(&key);
+        // Held while this loop may call `accept`: connections are told to leave only
+        // once every loop has let go (see `drain::AcceptLoop`).
+        let mut accept_loop = Some(inner.drain.accept_loop());
         inner.serving_one();
         loop {
             let accepted = tokio::select! {
@@ -197,6 +200,9 @@ impl Reborn {
                 Some(conn) = handed.recv() => Some(Ok(conn)),
                 accepted = accepting.accept(inner.config.tcp_nodelay) => Some(accepted),
             };
+            if accepted.is_none() {
+                drop(accept_loop.take());
+            }
             match accepted {
                 Some(Ok(conn)) => {
                     if let Some((count, over)) = failures.succeeded(Instant::now()) {
@@ -211,6 +217,7 @@ impl Reborn {
                 // The successor is on probation: keep the socket, and accept again if
                 // this process takes over.
                 None if inner.resumed_after_probation().await => {
+                    accept_loop.get_or_insert_with(|| inner.drain.accept_loop());
                     tracing::info!(addr = %addr, "accepting again");
                 }
                 None => break,

@@ -1132,6 +1132,8 @@ impl Reborn {
     /// A [`Draining`](crate::Draining) handle for one connection of a server with its
     /// own accept loop: call it once per accepted connection, and each gets its own
     /// moment in the eviction window, as connections served by [`serve`](Self::serve) do.
+    /// Stop accepting at the drain's start, as below, before anything else: a client told
+    /// to leave at the first moment reconnects within a millisecond.
     ///
     /// ```no_run
     /// # async fn example(reborn: reborn::Reborn, listener: tokio::net::TcpListener) {
