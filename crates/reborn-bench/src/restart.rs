@@ -425,7 +425,16 @@ impl Target {
         rec.signal_at = Some(t);
         sys::kill(old, libc::SIGHUP).map_err(|e| format!("SIGHUP to {old}: {e}"))?;
         let deadline = tokio::time::Instant::from_std(t + self.opts.step_timeout);
-        let (new, seen) = gens.wait_new(known, deadline).await.ok_or_else(|| {
+        // The commit (the drain's start) is when the old generation names the new one in
+        // the PID file. Watched alongside the load, which may reach the new generation
+        // only later: its keep-alive connections move once the probation has passed.
+        let committed = poll(self.opts.step_timeout, Duration::from_micros(500), || {
+            read_pid(&pf)
+                .filter(|p| *p != old)
+                .map(|p| (p, t.elapsed()))
+        });
+        let (new, committed) = tokio::join!(gens.wait_new(known, deadline), committed);
+        let (new, seen) = new.ok_or_else(|| {
             format!(
                 "no answer from a new generation within {:?} of SIGHUP to {old}",
                 self.opts.step_timeout
@@ -433,12 +442,13 @@ impl Target {
         })?;
         rec.new_pid = Some(new);
         rec.handoff_ms = Some(ms(seen.first.saturating_duration_since(t)));
-        let committed = poll(self.opts.step_timeout, Duration::from_micros(500), || {
-            (read_pid(&pf) == Some(new)).then(|| t.elapsed())
-        })
-        .await;
         match committed {
-            Some(d) => rec.commit_ms = Some(ms(d)),
+            Some((pid, d)) if pid == new => rec.commit_ms = Some(ms(d)),
+            Some((pid, _)) => {
+                return Err(format!(
+                    "the PID file named {pid}, but the new generation that answered is {new}"
+                ));
+            }
             None => return Err(format!("the PID file never named the new PID {new}")),
         }
         Ok(())
