@@ -19,6 +19,7 @@
 //! `GET /block?ms=N` blocks its runtime thread for N ms (as a handler that calls blocking
 //! code in async code does) before it answers.
 //! Hooks print `hook: <when> <signal>` lines.
+//! `--ready-check-waits-for PATH` gives it a readiness check that passes once PATH exists.
 //!
 //! A binary can carry knobs of its own, appended to the file (a bad deploy is a bad
 //! *file*, not a bad command line, which the next generation inherits): a line
@@ -93,6 +94,7 @@ struct Args {
     panic_on_usr1: bool,
     no_handoff: bool,
     shutdown_delay: Option<Duration>,
+    ready_check_waits_for: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -111,6 +113,7 @@ fn parse_args() -> Result<Args, String> {
         panic_on_usr1: false,
         no_handoff: false,
         shutdown_delay: None,
+        ready_check_waits_for: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -135,6 +138,7 @@ fn parse_args() -> Result<Args, String> {
             "--panic-on-usr1" => a.panic_on_usr1 = true,
             "--no-handoff" => a.no_handoff = true,
             "--shutdown-delay-ms" => a.shutdown_delay = Some(ms(value()?)?),
+            "--ready-check-waits-for" => a.ready_check_waits_for = Some(value()?.into()),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -257,13 +261,26 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(d) = args.shutdown_delay {
         builder = builder.shutdown_delay(d);
     }
-    if me.abort_after_ready.is_some() || me.fail_ready_check.is_some() {
+    let waits_for = args.ready_check_waits_for.clone();
+    if me.abort_after_ready.is_some() || me.fail_ready_check.is_some() || waits_for.is_some() {
         let (abort, fail) = (me.abort_after_ready, me.fail_ready_check.clone());
         builder = builder.ready_check(move || {
-            let fail = fail.clone();
+            let (fail, waits_for) = (fail.clone(), waits_for.clone());
             async move {
                 if let Some(message) = fail {
                     return Err(message.into());
+                }
+                // A check that takes its time (a database still starting): it passes
+                // once the file exists, and fails after a minute.
+                if let Some(path) = waits_for {
+                    let mut tries = 0;
+                    while !path.exists() {
+                        tries += 1;
+                        if tries > 6000 {
+                            return Err(format!("{} never appeared", path.display()).into());
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                 }
                 if let Some(after) = abort {
                     std::thread::spawn(move || {

@@ -46,7 +46,8 @@ use crate::server::Inner;
 /// Whether this address should get traffic, as [`Readiness`] says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
-    /// A first start that has not reported ready yet.
+    /// A first start that has not reported ready yet (its
+    /// [readiness check](crate::Builder::ready_check), if any, has not passed).
     Starting,
     /// Serving, or handing over to a new generation that serves in its place (an
     /// in-place upgrade keeps the address ready throughout).

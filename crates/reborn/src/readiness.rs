@@ -106,6 +106,7 @@ fn refuse(inner: &Arc<Inner>, refusal: Refusal) {
 
 /// Says that this process serves: PID file, service manager, previous generation.
 fn announce(inner: &Arc<Inner>) {
+    inner.announced.store(true, Ordering::SeqCst);
     let pid = std::process::id();
     let addrs = {
         let mut set = inner.listeners();

@@ -465,6 +465,7 @@ impl Builder {
             master_probation: env.master_probation,
             drain: Arc::new(DrainControl::new()),
             ready: AtomicBool::new(false),
+            announced: AtomicBool::new(false),
             serving: AtomicUsize::new(0),
             active_serves: AtomicUsize::new(0),
             hammer_watch: AtomicBool::new(false),
@@ -550,7 +551,10 @@ pub(crate) struct Inner {
     /// The master's probation of new workers, under the master.
     master_probation: Option<Duration>,
     pub(crate) drain: Arc<DrainControl>,
+    /// Readiness was asked for (once; the readiness check may still run).
     pub(crate) ready: AtomicBool,
+    /// `READY=1` was said: the readiness check, if any, passed.
+    pub(crate) announced: AtomicBool,
     pub(crate) serving: AtomicUsize,
     /// Calls of `serve` that have not returned yet.
     pub(crate) active_serves: AtomicUsize,
@@ -984,7 +988,9 @@ impl Inner {
             None if self.drain.phase() == Phase::Hammer => Health::ShuttingDown,
             // Before its own `READY=1`, a new generation stands in for a previous one
             // that still serves.
-            None if self.ready.load(Ordering::SeqCst) || self.replaces_previous => Health::Ready,
+            None if self.announced.load(Ordering::SeqCst) || self.replaces_previous => {
+                Health::Ready
+            }
             None => Health::Starting,
         }
     }

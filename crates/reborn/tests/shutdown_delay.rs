@@ -4,7 +4,7 @@
 
 mod common;
 
-use reborn_testkit::{Load, PATIENCE, alive, signal, wait_for};
+use reborn_testkit::{Load, PATIENCE, Proc, alive, signal, wait_for};
 
 fn wait_gone(pid: u32) {
     wait_for(&format!("pid {pid} to exit"), PATIENCE, || {
@@ -127,4 +127,48 @@ fn a_delay_on_another_signal_is_refused_by_name() {
         message.contains("shutdown_delay_signal(SIGUSR1)") && message.contains("Signal::Term"),
         "{message}"
     );
+}
+
+/// A first start answers `/readyz` with 503 `starting` until its readiness check has
+/// passed, although it already accepts; then 200. (A balancer must not send traffic to a
+/// process whose database is still out of reach.)
+#[test]
+fn readyz_says_starting_until_the_readiness_check_passes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = reborn_testkit::copy_to(&common::testserver(), dir.path(), "server");
+    let go = dir.path().join("go");
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args(["--addr", "127.0.0.1:0", "--pid-file"])
+        .arg(dir.path().join("pid"))
+        .arg("--ready-check-waits-for")
+        .arg(&go)
+        .current_dir(dir.path());
+    let mut proc = Proc::start(cmd);
+    let addr: std::net::SocketAddr = proc.wait_line("the listening address", |l| {
+        l.strip_prefix("listening on ")?.parse().ok()
+    });
+    let readyz = || {
+        reborn_testkit::get(addr, "/readyz")
+            .ok()
+            .map(|r| (r.status, r.body))
+    };
+    // The check waits for the file: meanwhile the process answers, and says starting.
+    for _ in 0..5 {
+        assert_eq!(
+            readyz(),
+            Some((503, "starting\n".into())),
+            "{}",
+            proc.output()
+        );
+    }
+    assert!(
+        !common::path_exists(&dir.path().join("pid")),
+        "the PID file is written once ready"
+    );
+    std::fs::write(&go, b"").expect("the check's file");
+    wait_for("/readyz to answer 200", PATIENCE, || {
+        (readyz() == Some((200, "ready\n".into()))).then_some(())
+    });
+    signal(proc.pid(), libc::SIGTERM);
+    proc.assert_exits_with(0);
 }
