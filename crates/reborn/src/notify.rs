@@ -383,33 +383,32 @@ impl NotifyReceiver {
     pub async fn recv(&self) -> io::Result<NotifyMessage> {
         let mut buf = vec![0u8; 4096];
         loop {
-            let Datagram { len, sender, fds } = self
+            let datagram = self
                 .socket
                 .async_io(tokio::io::Interest::READABLE, || {
                     recv_with_sender(self.socket.as_raw_fd(), &mut buf)
                 })
                 .await?;
-            // Closed here: the messages before this one were returned already.
-            drop(fds);
-            match sender {
-                Some(s) if sender_allowed(s.uid) => return Ok(NotifyMessage::parse(&buf[..len])),
-                Some(s) => crate::log::warning!(
-                    "ignored a notify message from pid {}, a process of another user (uid {})",
-                    s.pid,
-                    s.uid
-                ),
-                // No credentials here: the socket is in a directory only this user (and
-                // root) can enter.
-                #[cfg(not(reborn_linux))]
-                None => return Ok(NotifyMessage::parse(&buf[..len])),
-                #[cfg(reborn_linux)]
-                None => {
-                    crate::log::warning!(
-                        "ignored a notify message without its sender's credentials"
-                    )
-                }
+            if let Some(message) = accepted(datagram, &buf) {
+                return Ok(message);
             }
         }
+    }
+
+    /// The datagrams already queued, without waiting: read from the socket itself, since
+    /// the runtime may not have seen them arrive yet (a process that exits right after
+    /// it sent one: its exit can be seen first).
+    pub(crate) fn queued(&self) -> Vec<NotifyMessage> {
+        let mut buf = vec![0u8; 4096];
+        let mut messages = Vec::new();
+        // Bounded: a sender cannot keep this busy.
+        for _ in 0..64 {
+            match recv_with_sender(self.socket.as_raw_fd(), &mut buf) {
+                Ok(datagram) => messages.extend(accepted(datagram, &buf)),
+                Err(_) => break,
+            }
+        }
+        messages
     }
 
     /// Waits until a datagram carries `READY=1`, returning the last status seen with it.
@@ -422,6 +421,35 @@ impl NotifyReceiver {
             if let Some(status) = &msg.status {
                 tracing::info!(status = %status, "the new process reports");
             }
+        }
+    }
+}
+
+/// The message of a datagram from a process allowed to report, parsed; `None` (and a
+/// warning) for one from another user, or without credentials where they are expected.
+/// File descriptors that came with it are closed here, which releases a sender waiting
+/// on a barrier.
+fn accepted(datagram: Datagram, buf: &[u8]) -> Option<NotifyMessage> {
+    let Datagram { len, sender, fds } = datagram;
+    drop(fds);
+    match sender {
+        Some(s) if sender_allowed(s.uid) => Some(NotifyMessage::parse(&buf[..len])),
+        Some(s) => {
+            crate::log::warning!(
+                "ignored a notify message from pid {}, a process of another user (uid {})",
+                s.pid,
+                s.uid
+            );
+            None
+        }
+        // No credentials here: the socket is in a directory only this user (and root)
+        // can enter.
+        #[cfg(not(reborn_linux))]
+        None => Some(NotifyMessage::parse(&buf[..len])),
+        #[cfg(reborn_linux)]
+        None => {
+            crate::log::warning!("ignored a notify message without its sender's credentials");
+            None
         }
     }
 }

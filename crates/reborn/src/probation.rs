@@ -98,6 +98,17 @@ enum Verdict {
     Died(String, Duration),
 }
 
+/// Why a message from the successor ends its probation early, if it does.
+fn cut_short(message: &crate::notify::NotifyMessage) -> Option<&'static str> {
+    if message.handed_over.is_some() {
+        Some("it handed over to a newer generation")
+    } else if message.stopping {
+        Some("it is shutting down on purpose")
+    } else {
+        None
+    }
+}
+
 /// Watches the committed successor for `window`. On its death this process resumes and
 /// the error says what happened; otherwise the upgrade stands.
 pub(crate) async fn watch(
@@ -120,18 +131,25 @@ pub(crate) async fn watch(
     let verdict = loop {
         tokio::select! {
             biased;
-            status = child.wait() => break Verdict::Died(
-                match status {
-                    Ok(s) => describe_exit(s),
-                    Err(e) => format!("could not be waited for ({e})"),
-                },
-                ready_at.elapsed(),
-            ),
+            status = child.wait() => {
+                // What it said just before it exited decides: a successor told to stop
+                // right after its commit says `STOPPING=1`, and its exit is no crash.
+                if let Some(why) = receiver.queued().iter().find_map(cut_short) {
+                    break Verdict::CutShort(why);
+                }
+                break Verdict::Died(
+                    match status {
+                        Ok(s) => describe_exit(s),
+                        Err(e) => format!("could not be waited for ({e})"),
+                    },
+                    ready_at.elapsed(),
+                );
+            }
             () = inner.probation.settled() => break Verdict::CutShort("this process was told to stop"),
             message = receiver.recv(), if listening => match message {
-                Ok(m) if m.handed_over.is_some() => break Verdict::CutShort("it handed over to a newer generation"),
-                Ok(m) if m.stopping => break Verdict::CutShort("it is shutting down on purpose"),
-                Ok(_) => {}
+                Ok(m) => if let Some(why) = cut_short(&m) {
+                    break Verdict::CutShort(why);
+                },
                 Err(e) => {
                     tracing::debug!("stopped listening to pid {pid}'s notify messages: {e}");
                     listening = false;

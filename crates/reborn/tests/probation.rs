@@ -113,6 +113,59 @@ fn sigterm_to_the_previous_generation_ends_its_probation() {
     server.stop_current();
 }
 
+/// A new generation told to stop right after its commit shuts down on purpose: the
+/// previous generation, on probation, ends its wait and exits too, and does not take its
+/// exit for a crash (which would roll back, and leave the stopped service serving). Here
+/// the previous generation's runtime threads are busy while the new one stops, so that it
+/// sees the exit and the `STOPPING=1` sent before it at the same time.
+#[test]
+fn a_successor_stopped_right_after_its_commit_is_not_rolled_back() {
+    use std::io::Write;
+    let mut server = Server::start(&["--probation-ms", "20000", "--idle-grace-ms", "100"]);
+    let old = server.proc.pid();
+    // Connections of the previous generation, on which it will be kept busy.
+    let mut conns: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(server.addr).expect("connect");
+            c.set_read_timeout(Some(PATIENCE)).unwrap();
+            assert_eq!(body_pid(&common::ping_on(&mut c).expect("ping")), Some(old));
+            c
+        })
+        .collect();
+    server.deploy_variant("v2");
+    signal(old, libc::SIGHUP);
+    let new = server.wait_pid_file_moves_from(old);
+    server.proc.wait_line("the probation", |l| {
+        l.contains("on probation").then_some(())
+    });
+    // Both of its runtime threads blocked (the test server has two).
+    for c in &mut conns {
+        c.write_all(b"GET /block?ms=1500 HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+    }
+    wait_for("both runtime threads to block", PATIENCE, || {
+        (server
+            .proc
+            .output()
+            .matches("blocking a runtime thread")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    signal(new, libc::SIGTERM);
+    wait_for("the new generation to exit", PATIENCE, || {
+        (!alive(new)).then_some(())
+    });
+    drop(conns);
+    let gone = reborn_testkit::poll_until(PATIENCE, || (!alive(old)).then_some(()));
+    assert!(
+        gone.is_some() && !server.proc.output().contains("rolled back"),
+        "the previous generation exits without waiting out 20 s, and rolls nothing back:\n{}",
+        server.proc.output()
+    );
+    assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
+}
+
 #[test]
 fn a_failing_readiness_check_rolls_the_upgrade_back_with_its_message() {
     let mut server = Server::start(&[]);
