@@ -214,13 +214,23 @@ impl Reborn {
                     conns.spawn(conn)
                 }
                 Some(Err(e)) => accept_error(&addr, e, &mut failures, &inner.files).await,
-                // The successor is on probation: keep the socket, and accept again if
-                // this process takes over.
-                None if inner.resumed_after_probation().await => {
+                None => {
+                    // The successor is on probation: keep the socket, and accept again
+                    // if this process takes over. Meanwhile, serve what the previous
+                    // generation still hands over (its own probation of this process
+                    // ended when this one was upgraded): those clients wait for nothing.
+                    let resumed = loop {
+                        tokio::select! {
+                            resumed = inner.resumed_after_probation() => break resumed,
+                            Some(conn) = handed.recv() => conns.spawn(conn),
+                        }
+                    };
+                    if !resumed {
+                        break;
+                    }
                     accept_loop.get_or_insert_with(|| inner.drain.accept_loop());
                     tracing::info!(addr = %addr, "accepting again");
                 }
-                None => break,
             }
         }
         // What is handed over from now on is refused, and stays with the previous

@@ -131,6 +131,52 @@ fn a_new_generation_that_dies_on_probation_takes_no_connection_with_it() {
     server.stop_current();
 }
 
+/// An upgrade of a generation still on probation: the generation before it ends its own
+/// wait and hands its idle connections to the one being upgraded, which serves them at
+/// once while it waits out its successor's probation, instead of holding them unread
+/// until that ends.
+#[test]
+fn connections_handed_to_a_generation_being_upgraded_are_served_at_once() {
+    let probation = std::time::Duration::from_secs(20);
+    let mut server = common::Server::start(&["--probation-ms", "20000"]);
+    let first = server.proc.pid();
+    let mut conn = TcpStream::connect(server.addr).expect("connect");
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let answer = ping_on(&mut conn).expect("a first request");
+    assert_eq!(common::body_pid(&answer), Some(first), "{answer}");
+    server.deploy_variant("v2");
+    signal(first, libc::SIGHUP);
+    let second = server.wait_new_pid(first);
+    // The connection waits in the first generation for the second's probation; the
+    // second's own upgrade ends that wait.
+    server.deploy_variant("v3");
+    signal(second, libc::SIGHUP);
+    let third = server.wait_new_pid(second);
+    if reborn_testkit::poll_until(PATIENCE, || (!alive(first)).then_some(())).is_none() {
+        panic!(
+            "the first generation is still there:\n{}",
+            server.proc.output()
+        );
+    }
+    let asked = std::time::Instant::now();
+    let answer = ping_on(&mut conn).expect("the handed connection is served");
+    let took = asked.elapsed();
+    assert_eq!(common::body_pid(&answer), Some(second), "{answer}");
+    assert!(
+        took < probation / 2,
+        "the answer took {took:?}: held until the end of the probation ({probation:?})"
+    );
+    drop(conn);
+    server.stop_current();
+    assert_ne!(third, second);
+    if reborn_testkit::poll_until(PATIENCE, || (!alive(second)).then_some(())).is_none() {
+        panic!(
+            "the second generation is still there:\n{}",
+            server.proc.output()
+        );
+    }
+}
+
 /// `hand_over_idle_connections(false)` keeps the usual drain: keep-alive clients are
 /// told `Connection: close` and reconnect.
 #[test]
