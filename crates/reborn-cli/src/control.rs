@@ -286,6 +286,8 @@ async fn handle(stream: UnixStream, events: UnboundedSender<Event>, answers: Ans
             let read =
                 tokio::time::timeout(Duration::from_secs(10), reader.read_until(b'\n', &mut line));
             match read.await {
+                // Closed without a request: a client looking for live masters.
+                Ok(Ok(0)) => return,
                 Ok(Ok(_)) => match parse_request(&line) {
                     Ok(request) => ask(request, &events).await,
                     Err(e) => {

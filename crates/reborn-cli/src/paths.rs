@@ -70,7 +70,7 @@ pub fn control_path_for_client(args: &ControlArgs) -> Result<PathBuf, String> {
     if let Some(name) = &args.name {
         return Ok(dir.join(format!("{name}.sock")));
     }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+    let sockets: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map(|entries| {
             entries
                 .flatten()
@@ -79,9 +79,24 @@ pub fn control_path_for_client(args: &ControlArgs) -> Result<PathBuf, String> {
                 .collect()
         })
         .unwrap_or_default();
+    // A master that was killed (SIGKILL, a crash) leaves its socket file behind: nobody
+    // listens on it, and it is not a master to choose from.
+    let (mut found, mut stale): (Vec<PathBuf>, Vec<PathBuf>) =
+        sockets.into_iter().partition(|p| !is_stale(p));
     found.sort();
+    stale.sort();
     match found.len() {
         1 => Ok(found.remove(0)),
+        0 if !stale.is_empty() => Err(format!(
+            "no reborn master of this user is running: nobody listens on {} (left by a \
+             master that did not exit cleanly; remove it). Start one with `reborn run`, or give \
+             --name NAME or --control PATH as given to `reborn run`",
+            stale
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
         0 => Err(format!(
             "no reborn master of this user was found (no control socket in {}); is `reborn \
              run` running as this user? Give --name NAME or --control PATH as given to `reborn run`",
@@ -96,6 +111,16 @@ pub fn control_path_for_client(args: &ControlArgs) -> Result<PathBuf, String> {
                 .collect::<Vec<_>>()
                 .join(", ")
         )),
+    }
+}
+
+/// Whether nobody listens on the socket at `path` any more (connecting is refused). A
+/// socket that cannot be tried for another reason (permissions, say) is not called stale.
+fn is_stale(path: &Path) -> bool {
+    match std::os::unix::net::UnixStream::connect(path) {
+        // The master reads no request from a connection that closes at once.
+        Ok(_) => false,
+        Err(e) => e.kind() == io::ErrorKind::ConnectionRefused,
     }
 }
 

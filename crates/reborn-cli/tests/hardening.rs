@@ -560,3 +560,76 @@ fn liveness_probe_restarts_a_hung_worker() {
             .then_some(())
     });
 }
+
+/// `reborn upgrade` and `reborn status` without `--name` or `--control` find the one
+/// master of this user that runs, past a control socket that a killed master left behind
+/// (nobody listens on it); with only that one left, the error says so and names it.
+/// Looking does not make the live master log a refused request.
+#[test]
+fn a_client_without_a_name_finds_the_live_master_past_a_stale_socket() {
+    let runtime = tempdir();
+    let dir = tempdir();
+    let sockets = runtime.path().join("reborn");
+    std::fs::create_dir(&sockets).unwrap();
+    let stale = sockets.join("dead.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let app = copy_to(&bench_server(), dir.path(), "app");
+    let mut cmd = Command::new(reborn());
+    cmd.args(["run", "--listen", "http=127.0.0.1:0", "--"])
+        .arg(&app)
+        .args(["--addr", "127.0.0.1:0"])
+        .env("XDG_RUNTIME_DIR", runtime.path());
+    let proc = Proc::start(cmd);
+    let addr = proc.wait_line("the master's listening address", |l| {
+        l.split("listening on http=")
+            .nth(1)
+            .and_then(|a| a.trim().parse().ok())
+    });
+    proc.wait_line("the control socket", |l| {
+        l.contains("control socket: ").then_some(())
+    });
+    let mut master = Master {
+        proc,
+        control: sockets.join("app.sock"),
+        addr,
+    };
+    let first = master.wait_serving();
+    let client = |subcommand: &str| {
+        let out = Command::new(reborn())
+            .arg(subcommand)
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .output()
+            .expect("run the reborn client");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = client("status");
+    assert!(ok && text.contains(&first.to_string()), "{text}");
+    let (ok, text) = client("upgrade");
+    assert!(ok, "{text}\n{}", master.proc.output());
+    let second = wait_for("the new worker", PATIENCE, || {
+        master.serving_pid().filter(|p| *p != first)
+    });
+    wait_for("an answer from the new worker", PATIENCE, || {
+        (ping(master.addr).1 == second).then_some(())
+    });
+    assert!(
+        !master.proc.output().contains("refused a request"),
+        "{}",
+        master.proc.output()
+    );
+    let (ok, text) = client("stop");
+    assert!(ok, "{text}");
+    master.proc.assert_exits_with(0);
+    let (ok, text) = client("status");
+    assert!(
+        !ok && text.contains("no reborn master of this user is running")
+            && text.contains(&stale.display().to_string()),
+        "{text}"
+    );
+}
