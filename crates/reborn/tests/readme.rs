@@ -1,5 +1,6 @@
 //! The README, as a newcomer follows it: the demo's walkthrough step by step and in its
-//! order, on the binary cargo writes, and the message a port in use gets.
+//! order, on the binary cargo writes, the "API in a few lines" as written there, and the
+//! message a port in use gets.
 //!
 //! The walkthrough edits the demo's source and rebuilds it, as the reader does. So as
 //! not to touch this repository while other tests run, it does so in a copy of the
@@ -189,15 +190,10 @@ fn the_demo_walkthrough_works_as_the_readme_says_in_its_order() {
     });
 }
 
-#[test]
-fn a_port_in_use_gets_the_message_not_a_struct() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = taken.local_addr().unwrap();
-    let out = Command::new(reborn_testkit::example("reborn", "ping"))
-        .args(["--addr", &addr.to_string()])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+/// Runs `cmd` (a server told to listen on `addr`, which is taken) and checks that it
+/// prints the message, once, and exits with code 1.
+fn assert_port_in_use_message(mut cmd: Command, addr: SocketAddr) {
+    let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
     let mut stderr = String::new();
     out.stderr.as_slice().read_to_string(&mut stderr).unwrap();
     assert_eq!(
@@ -209,4 +205,97 @@ fn a_port_in_use_gets_the_message_not_a_struct() {
         )
     );
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn a_port_in_use_gets_the_message_not_a_struct() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let mut cmd = Command::new(reborn_testkit::example("reborn", "ping"));
+    cmd.args(["--addr", &addr.to_string()]);
+    assert_port_in_use_message(cmd, addr);
+}
+
+/// Starts the README's few lines (`examples/hello.rs`, a copy in `dir`) on an ephemeral
+/// port chosen here: the code prints nothing to learn its address from. Another process
+/// may take the port in between; then another one is tried.
+fn start_hello(dir: &Path) -> (Proc, SocketAddr) {
+    let bin = reborn_testkit::copy_to(&reborn_testkit::example("reborn", "hello"), dir, "hello");
+    for _ in 0..5 {
+        let addr: SocketAddr = format!("127.0.0.1:{}", reborn_testkit::free_port())
+            .parse()
+            .unwrap();
+        let mut cmd = Command::new(&bin);
+        cmd.env("ADDR", addr.to_string());
+        let proc = Proc::start(cmd);
+        let pid = proc.pid();
+        let up = reborn_testkit::poll_until(PATIENCE, || {
+            if !alive(pid) {
+                return Some(false);
+            }
+            let r = reborn_testkit::get(addr, "/ping").ok()?;
+            (r.body == format!("pong pid={pid}")).then_some(true)
+        });
+        match up {
+            Some(true) => return (proc, addr),
+            Some(false) if proc.output().contains("already in use") => continue,
+            _ => panic!("the README's server did not start:\n{}", proc.output()),
+        }
+    }
+    panic!("five ephemeral ports were taken before the server could listen");
+}
+
+/// The README's "API in a few lines", as written (`#[tokio::main]`, `reborn::serve`, no
+/// logging set up): `kill -HUP` while a request is in flight starts the binary on disk;
+/// the old process answers the request it accepted, the next answer is the new
+/// process's, and nothing is printed but the application's own line. `SIGTERM` stops it.
+#[test]
+fn the_readmes_few_lines_upgrade_and_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut old, addr) = start_hello(dir.path());
+    let pid = old.pid();
+    let pending = std::thread::spawn(move || reborn_testkit::get(addr, "/slow"));
+    old.wait_line("the slow request", |l| {
+        (l == "slow request started").then_some(())
+    });
+    reborn_testkit::replace_with_variant(
+        &dir.path().join("hello"),
+        &reborn_testkit::example("reborn", "hello"),
+        b"v2",
+    );
+    signal(pid, libc::SIGHUP);
+    let new = wait_for("an answer from the new process", PATIENCE, || {
+        let r = reborn_testkit::get(addr, "/ping").ok()?;
+        let answered_by: u32 = r.body.strip_prefix("pong pid=")?.parse().ok()?;
+        (answered_by != pid).then_some(answered_by)
+    });
+    let answer = pending
+        .join()
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!(
+        (answer.status, answer.body),
+        (200, format!("pong pid={pid}"))
+    );
+    assert_eq!(old.wait_exit(PATIENCE), Some(0), "{}", old.output());
+    assert_eq!(
+        old.output().trim(),
+        "slow request started",
+        "{}",
+        old.output()
+    );
+    signal(new, libc::SIGTERM);
+    wait_for("the new process to stop", PATIENCE, || {
+        (!alive(new)).then_some(())
+    });
+}
+
+/// The same few lines on an address in use: the message, once, and exit code 1.
+#[test]
+fn the_readmes_few_lines_on_a_port_in_use_say_so_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let mut cmd = Command::new(reborn_testkit::example("reborn", "hello"));
+    cmd.env("ADDR", addr.to_string());
+    assert_port_in_use_message(cmd, addr);
 }
