@@ -94,8 +94,9 @@
 //! request, `request.extensions().get::<reborn::Draining>()`, and ends its stream at the
 //! moment, for instance with `Status::unavailable`, after which the client calls again
 //! and resumes (the `grpc` example does, with a test). Clients should retry calls that
-//! GOAWAY refused: they never reached a handler, and tonic does not retry them itself
-//! (see [`crate::retry`]).
+//! GOAWAY refused: they never reached a handler, and tonic does not retry them itself.
+//! Such a call fails with `Code::Internal`, not `Unavailable`, so a retry on
+//! `UNAVAILABLE` alone misses it: ask [`crate::retry::safe_to_retry`].
 //!
 //! # Servers with their own accept loop
 //!

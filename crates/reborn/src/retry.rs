@@ -30,7 +30,12 @@
 //! # }
 //! ```
 //!
-//! With tonic: `Err(status) if reborn::retry::safe_to_retry(&status) => continue`. A
+//! With tonic, mind the status code: a call refused by the graceful GOAWAY reaches the
+//! client as `Code::Internal` (tonic maps h2's `NO_ERROR` so, after gRPC's HTTP/2
+//! mapping), one refused with `REFUSED_STREAM` or never sent as `Code::Unavailable`. A
+//! retry policy keyed on `UNAVAILABLE` alone misses the first kind; ask
+//! [`safe_to_retry`], which reads the h2 error under the status:
+//! `Err(status) if reborn::retry::safe_to_retry(&status) => continue`. A
 //! call that fails otherwise (a handler's own `UNAVAILABLE`, a connection cut while the
 //! call was in progress) may have been processed: retry it only if it is idempotent,
 //! as gRPC's retry policy does for `UNAVAILABLE`.
