@@ -11,7 +11,8 @@
 //!   [`Builder::hand_over_idle_connections`](crate::Builder::hand_over_idle_connections)):
 //!   its responses do not say `Connection: close`, and the client keeps its connection.
 //!   While the new generation is on probation, connections wait here for it to pass. A
-//!   handoff that fails falls back to the rule below.
+//!   handoff that fails falls back to the rule below, as does a connection whose moment
+//!   to leave came to a handler waiting for it (its client is to come back elsewhere).
 //! * **HTTP/1.x**: from the start of the drain, every response carries
 //!   `Connection: close`, so a busy connection ends cleanly after its next response. A
 //!   connection still open after the idle grace has had no request during the whole grace:
@@ -323,6 +324,7 @@ impl DrainControl {
             since: Instant::now(),
             in_flight: AtomicUsize::new(0),
             last_request: std::sync::Mutex::new(None),
+            told_to_leave: AtomicBool::new(false),
         });
         self.conns
             .lock()
@@ -336,6 +338,14 @@ impl DrainControl {
             }),
             record,
             seen: Phase::Serving,
+        }
+    }
+
+    /// Connection `id`'s moment to leave came to a handler that waited for it.
+    pub(crate) fn told_to_leave(&self, id: u64) {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(record) = conns.get(&id) {
+            record.told_to_leave.store(true, Ordering::SeqCst);
         }
     }
 
@@ -374,6 +384,11 @@ struct ConnRecord {
     in_flight: AtomicUsize,
     /// The last request started on it: method and path, and when.
     last_request: std::sync::Mutex<Option<(String, Instant)>>,
+    /// A handler waited for its moment to leave (`Draining::moment`), which came: the
+    /// application ends what it holds there (a stream, a long poll), and its client is to
+    /// come back to the next generation, on a new connection. So it is not handed over,
+    /// and its responses say `Connection: close` from now on.
+    told_to_leave: AtomicBool,
 }
 
 impl ConnRecord {
@@ -531,16 +546,19 @@ impl ConnFacts {
     }
 
     /// Whether the connection may move to the next generation once it is idle: nothing
-    /// it sent may be stuck in hyper, and no handoff of it failed.
-    fn may_move(&self) -> bool {
-        !self.unsure.load(Ordering::SeqCst) && !self.kept.load(Ordering::SeqCst)
+    /// it sent may be stuck in hyper, no handoff of it failed, and it was not told to
+    /// leave.
+    fn may_move(&self, record: &ConnRecord) -> bool {
+        !self.unsure.load(Ordering::SeqCst)
+            && !self.kept.load(Ordering::SeqCst)
+            && !record.told_to_leave.load(Ordering::SeqCst)
     }
 
     /// Whether the connection is between requests with nothing held in hyper: its socket
     /// can change hands.
     fn can_hand_over(&self, record: &ConnRecord) -> bool {
         !self.http2.load(Ordering::SeqCst)
-            && self.may_move()
+            && self.may_move(record)
             && !self.head_arriving.load(Ordering::SeqCst)
             && !self.write_pending.load(Ordering::SeqCst)
             && self.responses_open.load(Ordering::SeqCst) == 0
@@ -991,8 +1009,10 @@ pub(crate) async fn serve_connection<IO, S, B>(
     let plan = handoff.map(Arc::new);
     let handing_over = plan.as_ref().map(|plan| {
         let (plan, facts, control) = (plan.clone(), facts.clone(), phase.control.clone());
-        Arc::new(move || facts.may_move() && plan.state(&control) != crate::handoff::Outbox::None)
-            as Arc<dyn Fn() -> bool + Send + Sync>
+        let record = phase.record.clone();
+        Arc::new(move || {
+            facts.may_move(&record) && plan.state(&control) != crate::handoff::Outbox::None
+        }) as Arc<dyn Fn() -> bool + Send + Sync>
     });
     let service = DrainService {
         inner: service,
@@ -1051,7 +1071,7 @@ pub(crate) async fn serve_connection<IO, S, B>(
                             conn.as_mut().graceful_shutdown();
                         }
                     } else if !shut_down
-                        && facts.may_move()
+                        && facts.may_move(&phase.record)
                         && plan.as_ref().is_some_and(|p| {
                             p.state(&phase.control) != crate::handoff::Outbox::None
                         })
@@ -1082,18 +1102,19 @@ pub(crate) async fn serve_connection<IO, S, B>(
                     .map_or(crate::handoff::Outbox::None, |p| p.state(&phase.control));
                 let outbox = plan.as_ref().and_then(|p| Some((p, p.outbox(&phase.control)?)));
                 match outbox {
+                    // It may not move any more (told to leave, say): the usual drain,
+                    // without waiting for a probation to end.
+                    _ if !facts.may_move(&phase.record) => {
+                        handing = false;
+                        grace = Some(Box::pin(tokio::time::sleep(timing.idle_grace)));
+                    }
                     // On probation: stay, until it passes or dies.
                     None if state == crate::handoff::Outbox::Waiting => {}
                     Some(_) if !facts.can_hand_over(&phase.record) => {
-                        if !facts.may_move() {
-                            handing = false;
-                            grace = Some(Box::pin(tokio::time::sleep(timing.idle_grace)));
-                        } else {
-                            // A response still going out, a head arriving, a write
-                            // waiting for the socket: the end of a response says so, the
-                            // rest is looked at again shortly.
-                            look_again = Some(Box::pin(tokio::time::sleep(HANDOFF_LOOK_AGAIN)));
-                        }
+                        // A response still going out, a head arriving, a write waiting
+                        // for the socket: the end of a response says so, the rest is
+                        // looked at again shortly.
+                        look_again = Some(Box::pin(tokio::time::sleep(HANDOFF_LOOK_AGAIN)));
                     }
                     Some((plan, sender)) => {
                         // hyper is not polled while the socket changes hands: what the

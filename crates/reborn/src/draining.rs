@@ -117,6 +117,8 @@ const SPREAD: f64 = 0.618_033_988_749_895;
 #[derive(Clone)]
 pub struct Draining {
     control: Arc<DrainControl>,
+    /// The connection's number.
+    conn: u64,
     /// Where in the window this connection's moment lies, in `[0, 1)`.
     slot: f64,
     window: Duration,
@@ -135,6 +137,7 @@ impl Draining {
     pub(crate) fn new(control: Arc<DrainControl>, conn: u64, window: Duration) -> Draining {
         Draining {
             control,
+            conn,
             slot: (conn as f64 * SPREAD).fract(),
             window,
         }
@@ -157,6 +160,11 @@ impl Draining {
     /// Never before the accept loops of [`serve`](crate::Reborn::serve) have stopped: a
     /// client told to leave reconnects within a millisecond, and must reach the next
     /// generation, not a loop of this process that had not yet seen the drain start.
+    ///
+    /// Once it has come, the connection is not handed to the next generation, and its
+    /// responses say `Connection: close`: a client that comes back on the same keep-alive
+    /// connection (an `EventSource` resuming its stream, a long poll) is sent on to the
+    /// next generation instead of being served here again, where its moment has passed.
     pub async fn moment(&self) {
         let mut rx = self.control.shutdown().receiver();
         loop {
@@ -185,6 +193,9 @@ impl Draining {
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {
                     if self.control.phase() >= Phase::Draining {
+                        // Its client is to come back to the next generation: the
+                        // connection is not kept for a handoff.
+                        self.control.told_to_leave(self.conn);
                         return;
                     }
                 }

@@ -180,9 +180,11 @@
 //!
 //! Socket inheritance, readiness and drains are POSIX, and so is reborn's portable path,
 //! taken on every Unix but Linux. Linux takes a faster, tighter one. To test the portable
-//! path on Linux, build with the `portable` feature (`cargo test -p reborn --features
-//! portable`; CI runs the library's tests of what the two paths do differently that way
-//! too, `scripts/test-portable`).
+//! path on Linux, build with the `portable` feature: `scripts/test-portable` runs the
+//! library's tests of what the two paths do differently that way (as CI does), or by hand
+//! `REBORN_TEST_FEATURES=reborn/portable cargo test -p reborn --features portable` (the
+//! variable builds the servers the tests start with the feature too; without it they
+//! refuse to run on the other path).
 //!
 //! | | Linux | other systems, and the `portable` feature |
 //! |---|---|---|

@@ -194,7 +194,10 @@ impl Builder {
     /// one busy with a request is handed after its response. Connections that are not
     /// handed keep the usual drain (`Connection: close`, the idle grace): TLS and
     /// HTTP/2 connections, upgraded ones, connections of [`Reborn::serve_with`],
-    /// connections whose client sent a request body or pipelined requests, all
+    /// connections whose client sent a request body or pipelined requests, connections
+    /// whose moment to leave ([`Draining::moment`](crate::Draining::moment)) came to a
+    /// handler waiting for it (an event stream, a long poll: the client is to come
+    /// back to the new generation), all
     /// connections at a shutdown (there is no next generation), connections of a listener
     /// whose name (or, unnamed, address) is longer than 55 bytes (a long Unix socket
     /// path), and any connection whose handoff failed (the new generation died or

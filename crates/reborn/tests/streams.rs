@@ -391,6 +391,31 @@ fn the_hammer_sends_a_close_frame_to_a_websocket_whose_handler_ignores_the_momen
     wait_gone(&mut server, new);
 }
 
+/// A request for an event stream at `path`, resuming after `last_id` if given.
+fn events_request(path: &str, last_id: Option<u64>) -> http::request::Builder {
+    let request = http::Request::get(path)
+        .header("host", "x")
+        .header("accept", "text/event-stream");
+    match last_id {
+        Some(id) => request.header("last-event-id", id.to_string()),
+        None => request,
+    }
+}
+
+/// One server-sent event's `(id, data)`, from its block of lines.
+fn parse_event(block: &str) -> Option<(u64, String)> {
+    let mut id = None;
+    let mut payload = None;
+    for line in block.lines() {
+        if let Some(v) = line.strip_prefix("id:") {
+            id = v.trim().parse().ok();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            payload = Some(v.trim().to_owned());
+        }
+    }
+    Some((id?, payload?))
+}
+
 /// Reads one server-sent event stream from `last_id` on, putting each event's `(id,
 /// data)` in `events` as it arrives, until the stream ends or `stop`.
 async fn read_events(
@@ -405,15 +430,9 @@ async fn read_events(
         .await
         .expect("a handshake");
     tokio::spawn(conn);
-    let mut request = http::Request::get("/events")
-        .header("host", "x")
-        .header("accept", "text/event-stream");
-    if let Some(id) = last_id {
-        request = request.header("last-event-id", id.to_string());
-    }
     let response = send
         .send_request(
-            request
+            events_request("/events", last_id)
                 .body(http_body_util::Empty::<bytes::Bytes>::new())
                 .expect("a request"),
         )
@@ -434,20 +453,8 @@ async fn read_events(
         };
         text.push_str(std::str::from_utf8(&data).expect("utf-8"));
         while let Some((block, rest)) = text.split_once("\n\n") {
-            let mut id = None;
-            let mut payload = None;
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("id:") {
-                    id = v.trim().parse().ok();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    payload = Some(v.trim().to_owned());
-                }
-            }
-            if let (Some(id), Some(payload)) = (id, payload) {
-                events
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((id, payload));
+            if let Some(event) = parse_event(block) {
+                events.lock().unwrap_or_else(|e| e.into_inner()).push(event);
             }
             text = rest.to_owned();
         }
@@ -526,5 +533,133 @@ fn server_sent_event_clients_resume_with_last_event_id_and_lose_nothing() {
             assert!(data.starts_with(&format!("event {id} pid=")), "{data}");
         }
     }
+    server.stop_current();
+}
+
+/// One event stream's answer on a kept connection: whether the response said
+/// `Connection: close`, and the events it carried, `(id, data)`, up to its end or to the
+/// first event from `until` (whose stream goes on).
+async fn events_on(
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    last_id: Option<u64>,
+    until: u32,
+) -> Option<(bool, Vec<(u64, String)>)> {
+    use http_body_util::BodyExt;
+    send.ready().await.ok()?;
+    let response = send
+        .send_request(
+            events_request("/events?tick_ms=20", last_id)
+                .body(http_body_util::Empty::new())
+                .expect("a request"),
+        )
+        .await
+        .ok()?;
+    assert_eq!(response.status(), 200);
+    let closes = response
+        .headers()
+        .get("connection")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let mut body = response.into_body();
+    let mut text = String::new();
+    let mut events = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.ok()?.into_data() else {
+            continue;
+        };
+        text.push_str(std::str::from_utf8(&data).expect("utf-8"));
+        while let Some((block, rest)) = text.split_once("\n\n") {
+            let event = parse_event(block);
+            text = rest.to_owned();
+            if let Some((id, payload)) = event {
+                let done = pid_of(&payload) == Some(until);
+                events.push((id, payload));
+                if done {
+                    return Some((closes, events));
+                }
+            }
+        }
+    }
+    Some((closes, events))
+}
+
+/// An event-stream client that resumes on its kept connection (as a browser's
+/// `EventSource` does, through its connection pool): once its stream has ended at its
+/// moment, the old generation, whose successor is on probation, tells it to close
+/// instead of keeping the connection for the handoff and serving it again (with its
+/// moment passed, an empty stream, again and again until the probation ends). The client
+/// reaches the new generation at once, and no event is lost.
+#[test]
+fn an_event_stream_resumed_on_its_kept_connection_goes_to_the_new_generation() {
+    let mut server =
+        common::Server::start(&["--probation-ms", "20000", "--eviction-window-ms", "300"]);
+    let old = server.proc.pid();
+    let addr = server.addr;
+    let rt = runtime();
+    let (new, seen) = rt.block_on(async {
+        let connect = || async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .expect("a handshake");
+            tokio::spawn(conn);
+            send
+        };
+        let mut send = connect().await;
+        // The first stream: the old generation's, until its moment after the upgrade.
+        let stream = tokio::spawn(async move {
+            let answer = events_on(&mut send, None, 0).await;
+            (send, answer)
+        });
+        let ticking = Instant::now();
+        while ticking.elapsed() < Duration::from_millis(200) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        server.deploy_variant("v2");
+        signal(old, libc::SIGHUP);
+        let new = tokio::task::block_in_place(|| server.wait_new_pid(old));
+        let (mut send, answer) = stream.await.expect("the first stream's task");
+        let (_, mut seen) = answer.expect("the first stream ends cleanly");
+        assert!(!seen.is_empty(), "the first stream carried events");
+        // Resume, on the same connection while it is open, then on a new one.
+        let resumed = Instant::now();
+        let mut kept_answers = 0;
+        loop {
+            assert!(
+                resumed.elapsed() < Duration::from_secs(10),
+                "still not at the new generation after {:?} (probation 20 s): {kept_answers} \
+                 answers on the kept connection",
+                resumed.elapsed()
+            );
+            let last = seen.last().map(|(id, _)| *id);
+            match events_on(&mut send, last, new).await {
+                Some((closes, events)) => {
+                    kept_answers += 1;
+                    let at_new = events.iter().any(|(_, d)| pid_of(d) == Some(new));
+                    seen.extend(events);
+                    if at_new {
+                        break;
+                    }
+                    assert!(
+                        closes,
+                        "an answer from the old generation on the kept connection says \
+                         Connection: close"
+                    );
+                }
+                None => send = connect().await,
+            }
+        }
+        assert!(
+            kept_answers <= 2,
+            "{kept_answers} answers on the kept connection"
+        );
+        (new, seen)
+    });
+    // Every event once, in order, across the two generations.
+    let ids: Vec<u64> = seen.iter().map(|(id, _)| *id).collect();
+    let expected: Vec<u64> = (ids[0]..ids[0] + ids.len() as u64).collect();
+    assert_eq!(ids, expected, "{seen:?}");
+    assert!(seen.iter().any(|(_, d)| pid_of(d) == Some(old)));
+    assert!(seen.iter().any(|(_, d)| pid_of(d) == Some(new)));
     server.stop_current();
 }
