@@ -286,10 +286,11 @@ async fn handle(stream: UnixStream, events: UnboundedSender<Event>, answers: Ans
             let read =
                 tokio::time::timeout(Duration::from_secs(10), reader.read_until(b'\n', &mut line));
             match read.await {
-                // Closed without a request: a client looking for live masters.
-                Ok(Ok(0)) => return,
-                Ok(Ok(_)) => match parse_request(&line) {
+                Ok(Ok(read)) => match parse_request(&line) {
                     Ok(request) => ask(request, &events).await,
+                    // Closed without a word: a client looking for the masters that run
+                    // (`reborn upgrade` without a name). Answered, not worth a warning.
+                    Err(e) if read == 0 => Reply::err(e.to_string()),
                     Err(e) => {
                         tracing::warn!(error = %e, "control socket: refused a request");
                         Reply::err(e.to_string())
