@@ -527,8 +527,12 @@ fn liveness_probe_restarts_a_hung_worker() {
             &probe,
             "--liveness-interval",
             "200ms",
+            // Long enough that a loaded machine does not fail a healthy worker three
+            // times in a row: bench-server's first answer waits for its build id, which
+            // took 1.2 s to hash beside a full test suite (and a 500 ms timeout killed
+            // healthy workers); a stopped worker never answers.
             "--liveness-timeout",
-            "500ms",
+            "3s",
             "--liveness-failures",
             "3",
         ],
