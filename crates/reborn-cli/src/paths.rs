@@ -118,7 +118,8 @@ pub fn control_path_for_client(args: &ControlArgs) -> Result<PathBuf, String> {
 /// socket that cannot be tried for another reason (permissions, say) is not called stale.
 fn is_stale(path: &Path) -> bool {
     match std::os::unix::net::UnixStream::connect(path) {
-        // The master reads no request from a connection that closes at once.
+        // Closed at once: the master answers `empty request` to nobody, and logs
+        // nothing.
         Ok(_) => false,
         Err(e) => e.kind() == io::ErrorKind::ConnectionRefused,
     }
