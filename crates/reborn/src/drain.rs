@@ -953,8 +953,7 @@ where
             }
         }
         if let (Ok(resp), Some(draining)) = (&mut res, *this.close_when_draining)
-            && draining.load(Ordering::SeqCst)
-            && !this.handing_over.as_ref().is_some_and(|h| h())
+            && says_close(draining, this.handing_over.as_deref())
         {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -970,6 +969,22 @@ where
             }
         }
     }
+}
+
+/// Whether an HTTP/1 response made now says `Connection: close`: during a drain, unless
+/// the connection is to be handed to the next generation after it.
+///
+/// The drain is looked at again after the handoff: a rollback (the new generation died
+/// on probation) clears the drain's reason, which `handing_over` reads, only after the
+/// flag is down, so a response that saw the drain, then no handoff, may have seen the
+/// rollback in between. Its client had no reason to reconnect.
+fn says_close(
+    draining: &AtomicBool,
+    handing_over: Option<&(dyn Fn() -> bool + Send + Sync)>,
+) -> bool {
+    draining.load(Ordering::SeqCst)
+        && !handing_over.is_some_and(|h| h())
+        && draining.load(Ordering::SeqCst)
 }
 
 /// What a connection is served with, besides its transport and service.
@@ -1158,6 +1173,41 @@ pub(crate) async fn serve_connection<IO, S, B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A response made while the new generation dies on probation: it saw the drain,
+    /// then the rollback (no drain, no next generation) when it asked about the handoff.
+    /// It must not say `Connection: close`: the client would reconnect for nothing.
+    #[tokio::test]
+    async fn a_response_made_across_a_rollback_does_not_say_close() {
+        let control = Arc::new(DrainControl::new());
+        let handoff = Arc::new(crate::handoff::Handoff::new(None));
+        let (old, _new) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+        old.set_nonblocking(true).expect("non-blocking");
+        let old = tokio::net::UnixStream::from_std(old).expect("registered");
+        handoff.set_outbox(crate::handoff::HandoffSender::start(old), false);
+        let plan = HandoffPlan {
+            fd: -1,
+            key: "http".into(),
+            handoff: handoff.clone(),
+        };
+        let draining = &control.flags.draining;
+        assert!(!says_close(draining, None), "serving: no drain");
+        assert!(control.claim(DrainReason::Upgraded { successor: 1 }));
+        control.start_draining();
+        let waiting = || plan.state(&control) != crate::handoff::Outbox::None;
+        assert!(
+            !says_close(draining, Some(&waiting)),
+            "kept for the handoff"
+        );
+        assert!(says_close(draining, None), "draining, no handoff");
+        // The rollback happens between the look at the drain and the one at the handoff.
+        let rolled_back = || {
+            assert!(control.resume());
+            handoff.close();
+            plan.state(&control) != crate::handoff::Outbox::None
+        };
+        assert!(!says_close(draining, Some(&rolled_back)));
+    }
 
     fn unsure_after(reads: &[&[u8]]) -> bool {
         let facts = ConnFacts::default();

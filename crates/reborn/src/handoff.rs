@@ -180,7 +180,7 @@ impl HandoffSender {
     /// One task writes the sockets, another reads the answers: a writer that waited for
     /// room while answers piled up unread would wait for ever (the new process, its
     /// answers unread, stops reading sockets).
-    fn start(stream: tokio::net::UnixStream) -> HandoffSender {
+    pub(crate) fn start(stream: tokio::net::UnixStream) -> HandoffSender {
         let (queue, rx) = mpsc::unbounded_channel();
         let stream = Arc::new(stream);
         let waiting = Arc::new(std::sync::Mutex::new(Waiting::default()));
