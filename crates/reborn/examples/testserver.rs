@@ -456,6 +456,16 @@ fn run(me: SelfFile) -> Result<(), Box<dyn std::error::Error>> {
             ),
         )
         .route(
+            "/shutdown",
+            get({
+                let reborn = reborn.clone();
+                move || async move {
+                    reborn.shutdown();
+                    "shutting down"
+                }
+            }),
+        )
+        .route(
             "/block",
             get(|Query(p): Query<BlockParams>| async move {
                 say!("blocking a runtime thread for {} ms", p.ms);

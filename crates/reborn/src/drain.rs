@@ -306,6 +306,22 @@ impl DrainControl {
         self.advance(Phase::Hammer)
     }
 
+    /// The drain deadline's hammer, for the drain that began in `epoch`: closes
+    /// everything now, unless the process went back to serving since (a rollback), or
+    /// the hammer fell already. `before` runs just before it falls (to say so). Under the
+    /// lock [`resume`](Self::resume) takes: a rollback at the deadline's very moment
+    /// comes either before (no hammer) or after (the process is closing; nothing to
+    /// resume), never between the look and the hammer.
+    pub(crate) fn hammer_drain(&self, epoch: u64, before: impl FnOnce()) -> bool {
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if self.epoch() != epoch || self.phase() != Phase::Draining {
+            return false;
+        }
+        before();
+        slot.get_or_insert(DrainReason::Shutdown);
+        self.advance(Phase::Hammer)
+    }
+
     /// A new connection's number: its place in the eviction window.
     pub(crate) fn next_connection(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
@@ -1157,6 +1173,11 @@ pub(crate) async fn serve_connection<IO, S, B>(
                 // would close the connection under it and lose the request. Wait for the
                 // head (its response carries `Connection: close`), as long as a head may
                 // take to arrive.
+                // Serving again (a rollback since the phase was last looked at): the
+                // connection stays, as the phase's change will say.
+                if phase.control.phase() == Phase::Serving {
+                    continue;
+                }
                 let since = *head_wait_since.get_or_insert_with(Instant::now);
                 let patience = timing.header_read_timeout.unwrap_or(Duration::MAX);
                 if facts.head_arriving.load(Ordering::SeqCst) && since.elapsed() < patience {
@@ -1173,6 +1194,28 @@ pub(crate) async fn serve_connection<IO, S, B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The drain deadline of a drain the process has since resumed from (a rollback)
+    /// does not hammer the process that serves again.
+    #[test]
+    fn a_deadline_of_a_drain_called_off_does_not_hammer() {
+        let control = DrainControl::new();
+        assert!(control.claim(DrainReason::Upgraded { successor: 1 }));
+        control.start_draining();
+        let epoch = control.epoch();
+        assert!(control.resume());
+        let mut said = false;
+        assert!(!control.hammer_drain(epoch, || said = true));
+        assert!(!said, "nothing said");
+        assert_eq!(control.phase(), Phase::Serving);
+        // The deadline of a drain still under way does.
+        assert!(control.claim(DrainReason::Shutdown));
+        control.start_draining();
+        assert!(control.hammer_drain(control.epoch(), || said = true));
+        assert!(said);
+        assert_eq!(control.phase(), Phase::Hammer);
+        assert!(!control.hammer_drain(control.epoch(), || {}), "once");
+    }
 
     /// A response made while the new generation dies on probation: it saw the drain,
     /// then the rollback (no drain, no next generation) when it asked about the handoff.

@@ -78,8 +78,24 @@ impl Probation {
         })
     }
 
-    pub(crate) fn is_running(&self) -> bool {
-        *self.tx.borrow() == State::Running
+    /// The successor died: runs `resume` (this process serves again, if it can) unless
+    /// the probation ended meanwhile, because this process was told to stop. Returns
+    /// whether it resumed. Atomic with [`end`](Self::end): a stop signal either ends the
+    /// probation first, and nothing is resumed (the process goes on to exit), or comes
+    /// after, and finds a serving process to shut down. Read apart, a `SIGTERM` that
+    /// ended a probation whose successor had just died was undone by the rollback, and
+    /// the process served on.
+    pub(crate) fn take_over(&self, resume: impl FnOnce() -> bool) -> bool {
+        let mut resumed = false;
+        self.tx.send_if_modified(|s| {
+            if *s != State::Running {
+                return false;
+            }
+            resumed = resume();
+            *s = if resumed { State::Idle } else { State::Over };
+            true
+        });
+        resumed
     }
 
     /// Resolves once no probation is running.
@@ -174,10 +190,14 @@ pub(crate) async fn watch(
             Ok(upgraded)
         }
         Verdict::Died(status, after) => {
+            // Non-blocking before an accept loop can wake: the dead version may have
+            // made the shared sockets blocking, and an accept on an empty queue would
+            // then hold a runtime thread until the next client.
+            inner.listeners().restore_nonblocking("after the rollback");
             // Serving again first, then no next generation: the other way round, a
             // response made in between would be a drain's without a handoff, and say
             // `Connection: close` to a client that had no reason to reconnect.
-            let resumed = inner.drain.resume();
+            let resumed = inner.probation.take_over(|| inner.drain.resume());
             inner.handoff.close();
             let me = std::process::id();
             if !resumed {
@@ -191,8 +211,6 @@ pub(crate) async fn watch(
                 crate::log::error!("{error}");
                 return Err(error);
             }
-            inner.probation.clear();
-            inner.listeners().restore_nonblocking("after the rollback");
             crate::readiness::record_pid(inner, me);
             let error = UpgradeError::DiedOnProbation {
                 pid,
@@ -209,5 +227,50 @@ pub(crate) async fn watch(
             crate::log::error!("{error}");
             Err(error)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drain::{DrainControl, DrainReason, Phase};
+
+    /// A probation running, its successor committed to: this process drains.
+    fn on_probation() -> (Probation, DrainControl) {
+        let probation = Probation::new();
+        let drain = DrainControl::new();
+        probation.begin();
+        assert!(drain.claim(DrainReason::Upgraded { successor: 1 }));
+        drain.start_draining();
+        (probation, drain)
+    }
+
+    /// The successor's death was seen, then a stop signal ended the probation before
+    /// the rollback ran: the rollback must not make the process serve again, or the
+    /// stop is lost (its handler saw a probation, and only ended it).
+    #[test]
+    fn a_stop_before_the_rollback_leaves_nothing_to_resume() {
+        let (probation, drain) = on_probation();
+        assert!(probation.end(), "the stop ends the probation");
+        assert!(!probation.take_over(|| drain.resume()));
+        assert_eq!(
+            drain.phase(),
+            Phase::Draining,
+            "the drain goes on, to the exit"
+        );
+    }
+
+    /// The rollback ran first: the stop finds no probation to end, and so shuts the
+    /// process down like any serving one.
+    #[test]
+    fn a_stop_after_the_rollback_finds_a_serving_process() {
+        let (probation, drain) = on_probation();
+        assert!(probation.take_over(|| drain.resume()));
+        assert_eq!(drain.phase(), Phase::Serving);
+        assert!(!probation.end(), "nothing to end: the stop shuts down");
+        assert!(
+            drain.claim(DrainReason::Shutdown),
+            "and its drain can start"
+        );
     }
 }

@@ -477,6 +477,7 @@ impl Builder {
             started: OnceLock::new(),
             on_terminal: crate::signals::on_terminal(),
             upgrade_lock: tokio::sync::Mutex::new(()),
+            stop_or_commit: std::sync::Mutex::new(()),
             files: crate::files::Reserve::new(),
             replaces_previous: env.started_by_upgrade || env.handoff_socket.is_some(),
             handoff: Arc::new(crate::handoff::Handoff::new(env.handoff_socket)),
@@ -570,6 +571,10 @@ pub(crate) struct Inner {
     /// Which of stdin, stdout, stderr were terminals at start-up.
     on_terminal: [bool; 3],
     pub(crate) upgrade_lock: tokio::sync::Mutex<()>,
+    /// Held while a stop signal decides what it does, and while an upgrade commits: a
+    /// stop then comes either before the commit (and calls the upgrade off) or after it
+    /// (and ends the probation), never halfway (see [`Inner::stop_or_commit`]).
+    stop_or_commit: std::sync::Mutex<()>,
     /// Descriptors held back so that a process at its open-files limit can still upgrade.
     pub(crate) files: crate::files::Reserve,
     /// Started to take over from a previous generation that still serves (a
@@ -633,15 +638,14 @@ impl Inner {
             .spawn(move || {
                 std::thread::sleep(deadline);
                 // A drain this process resumed from (probation) has no deadline any more.
-                if inner.drain.epoch() != epoch || inner.drain.phase() == Phase::Hammer {
-                    return;
-                }
                 // Said before it is done: once the connections are closed, `serve`
                 // returns and the process may exit before this thread writes a word.
-                crate::log::warning!(
-                    "drain deadline of {deadline:?} reached: closing the connections that are left"
-                );
-                if inner.drain.hammer() {
+                let said = || {
+                    crate::log::warning!(
+                        "drain deadline of {deadline:?} reached: closing the connections that are left"
+                    )
+                };
+                if inner.drain.hammer_drain(epoch, said) {
                     inner.probation.end();
                     inner.watch_after_hammer();
                 }
@@ -747,13 +751,29 @@ impl Inner {
         self.begin_drain(DrainReason::Upgraded { successor })
     }
 
-    /// Ends a probation this process is waiting out, so that it finishes its drain.
-    fn end_probation(&self, why: &str) {
-        if self.probation.end() {
+    /// One at a time: a stop signal's decision, or an upgrade's commit. Without it, a
+    /// `SIGTERM` at the moment of a commit could begin the shutdown delay just before the
+    /// upgrade claimed the drain (which ended the delay: the new generation served on,
+    /// the stop lost), or end a probation that was about to begin (the upgrade then
+    /// committed with no probation, and the new generation served on).
+    pub(crate) fn stop_or_commit(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.stop_or_commit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends a probation this process is waiting out (told to stop by `why`), so that it
+    /// finishes its drain; returns whether one was running. Ended, and not merely seen
+    /// running: a successor that died at that moment makes this process serve again,
+    /// and the stop must then shut it down.
+    fn end_probation(&self, why: &str) -> bool {
+        let ended = self.probation.end();
+        if ended {
             tracing::info!(
                 "{why}: the probation of the new generation ends; this process exits once drained"
             );
         }
+        ended
     }
 
     /// Closes everything now.
@@ -875,6 +895,7 @@ impl Inner {
                      down gracefully (start a server that must outlive its terminal under \
                      systemd, `reborn run`, nohup or setsid: then SIGHUP upgrades)"
                 );
+                let _one_at_a_time = self.stop_or_commit();
                 if !self.probation.end() {
                     self.begin_drain(DrainReason::Shutdown);
                 }
@@ -907,9 +928,11 @@ impl Inner {
                 }
             }
             Signal::Term => {
-                if self.probation.is_running() {
-                    self.end_probation("SIGTERM");
-                } else if !self.replaced_under_master() && !self.shut_down(signal) {
+                let _one_at_a_time = self.stop_or_commit();
+                if !self.end_probation("SIGTERM")
+                    && !self.replaced_under_master()
+                    && !self.shut_down(signal)
+                {
                     tracing::info!("already draining; send SIGUSR2 to close connections now");
                 }
             }
@@ -917,8 +940,9 @@ impl Inner {
                 // The impatient second Ctrl-C hammers; the first one drains, also after
                 // an upgrade has already started this generation's drain.
                 let again = self.sigint_seen.swap(true, Ordering::SeqCst);
-                if self.probation.is_running() {
-                    self.end_probation("SIGINT");
+                let _one_at_a_time = self.stop_or_commit();
+                if self.end_probation("SIGINT") {
+                    // This process exits once drained.
                 } else if !again && self.replaced_under_master() {
                     // The master's stop signal (`reborn run --stop-signal SIGINT`), as
                     // SIGTERM above.
@@ -1098,9 +1122,15 @@ impl Reborn {
     }
 
     /// Starts a graceful shutdown now, as `SIGTERM` does without a
-    /// [shutdown delay](Builder::shutdown_delay) (and ends one that runs).
+    /// [shutdown delay](Builder::shutdown_delay) (and ends one that runs). While the
+    /// next generation is on [probation](Builder::probation), this process is already
+    /// draining: the probation ends, without a rollback, and the process exits once
+    /// drained.
     pub fn shutdown(&self) {
-        self.inner.begin_drain(DrainReason::Shutdown);
+        let _one_at_a_time = self.inner.stop_or_commit();
+        if !self.inner.probation.end() {
+            self.inner.begin_drain(DrainReason::Shutdown);
+        }
     }
 
     /// The readiness endpoint for a load balancer: `200` while this address should get

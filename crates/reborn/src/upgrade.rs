@@ -396,30 +396,13 @@ async fn spawn_and_wait(
         (outcome, _) => outcome,
     };
     let probation = inner.config.probation;
-    if outcome.is_ok() && !probation.is_zero() {
-        // Before the drain starts, so that the accept loops know to wait.
-        inner.probation.begin();
-    }
-    if outcome.is_ok()
-        && let Some(sender) = handoff.as_ref().and_then(|l| l.take_child(pid))
-    {
-        // Before the drain starts: its connections learn from it whether to close. On
-        // probation, they wait for it to pass.
-        inner.handoff.set_outbox(sender, probation.is_zero());
-    }
+    let committed = match outcome {
+        Ok(()) => commit(inner, pid, probation, handoff.as_ref()),
+        Err(e) => Err(e),
+    };
     drop(handoff);
-    match outcome {
-        // A shutdown delay that began while the new process was starting: this process
-        // was told to stop, and an upgrade must not undo that.
-        Ok(()) if inner.in_shutdown_delay() => {
-            inner.probation.clear();
-            inner.handoff.close();
-            stop(inner, child);
-            Err(UpgradeError::ShuttingDown {
-                pid: std::process::id(),
-            })
-        }
-        Ok(()) if inner.begin_drain(DrainReason::Upgraded { successor: pid }) => {
+    match committed {
+        Ok(()) => {
             crate::readiness::record_pid(inner, pid);
             let upgraded = Upgraded {
                 pid,
@@ -433,15 +416,6 @@ async fn spawn_and_wait(
                 let _ = child.wait().await;
             });
             Ok(upgraded)
-        }
-        Ok(()) => {
-            inner.probation.clear();
-            inner.handoff.close();
-            // A shutdown began while the new process was starting: it must not serve.
-            stop(inner, child);
-            Err(UpgradeError::Draining {
-                pid: std::process::id(),
-            })
         }
         Err(e) => {
             stop(inner, child);
@@ -517,6 +491,43 @@ fn spawn_child(
         spec = spec.socket(fd, name);
     }
     spec.spawn()
+}
+
+/// Commits to the new process `pid`, ready: it serves, and this process drains (after
+/// a probation of `probation`, unless zero). Called off, with why, when this process
+/// was told to stop while the new one started: a stop must not be undone by an upgrade.
+/// One at a time with a stop signal's decision ([`Inner::stop_or_commit`]).
+fn commit(
+    inner: &Arc<Inner>,
+    pid: u32,
+    probation: Duration,
+    handoff: Option<&crate::handoff::HandoffListener>,
+) -> Result<(), UpgradeError> {
+    let _one_at_a_time = inner.stop_or_commit();
+    let me = std::process::id();
+    // A shutdown delay that began while the new process was starting.
+    if inner.in_shutdown_delay() {
+        return Err(UpgradeError::ShuttingDown { pid: me });
+    }
+    // A shutdown that began then (the drain it claimed is not the upgrade's).
+    if inner.drain.reason().is_some() {
+        return Err(UpgradeError::Draining { pid: me });
+    }
+    if !probation.is_zero() {
+        // Before the drain starts, so that the accept loops know to wait.
+        inner.probation.begin();
+    }
+    if let Some(sender) = handoff.and_then(|l| l.take_child(pid)) {
+        // Before the drain starts: its connections learn from it whether to close. On
+        // probation, they wait for it to pass.
+        inner.handoff.set_outbox(sender, probation.is_zero());
+    }
+    if inner.begin_drain(DrainReason::Upgraded { successor: pid }) {
+        return Ok(());
+    }
+    inner.probation.clear();
+    inner.handoff.close();
+    Err(UpgradeError::Draining { pid: me })
 }
 
 /// Stops a rolled-back process: `SIGTERM` (it drains what it may have accepted), then

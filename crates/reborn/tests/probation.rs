@@ -120,38 +120,8 @@ fn sigterm_to_the_previous_generation_ends_its_probation() {
 /// sees the exit and the `STOPPING=1` sent before it at the same time.
 #[test]
 fn a_successor_stopped_right_after_its_commit_is_not_rolled_back() {
-    use std::io::Write;
-    let mut server = Server::start(&["--probation-ms", "20000", "--idle-grace-ms", "100"]);
-    let old = server.proc.pid();
-    // Connections of the previous generation, on which it will be kept busy.
-    let mut conns: Vec<std::net::TcpStream> = (0..2)
-        .map(|_| {
-            let mut c = std::net::TcpStream::connect(server.addr).expect("connect");
-            c.set_read_timeout(Some(PATIENCE)).unwrap();
-            assert_eq!(body_pid(&common::ping_on(&mut c).expect("ping")), Some(old));
-            c
-        })
-        .collect();
-    server.deploy_variant("v2");
-    signal(old, libc::SIGHUP);
-    let new = server.wait_pid_file_moves_from(old);
-    server.proc.wait_line("the probation", |l| {
-        l.contains("on probation").then_some(())
-    });
-    // Both of its runtime threads blocked (the test server has two).
-    for c in &mut conns {
-        c.write_all(b"GET /block?ms=1500 HTTP/1.1\r\nHost: test\r\n\r\n")
-            .unwrap();
-    }
-    wait_for("both runtime threads to block", PATIENCE, || {
-        (server
-            .proc
-            .output()
-            .matches("blocking a runtime thread")
-            .count()
-            >= 2)
-            .then_some(())
-    });
+    let (mut server, old, new, mut conns) = upgraded_on_probation(20_000);
+    block_both_runtime_threads(&server, &mut conns);
     signal(new, libc::SIGTERM);
     wait_for("the new generation to exit", PATIENCE, || {
         (!alive(new)).then_some(())
@@ -164,6 +134,102 @@ fn a_successor_stopped_right_after_its_commit_is_not_rolled_back() {
         server.proc.output()
     );
     assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
+}
+
+/// A test server upgraded to `v2`, its new generation on a probation of
+/// `probation_ms`: the server, the previous generation's PID and the new one's, and two
+/// connections kept by the previous generation (see [`busy_connections`]).
+fn upgraded_on_probation(probation_ms: u64) -> (Server, u32, u32, Vec<std::net::TcpStream>) {
+    let probation = probation_ms.to_string();
+    let server = Server::start(&["--probation-ms", &probation, "--idle-grace-ms", "100"]);
+    let old = server.proc.pid();
+    let conns = busy_connections(&server);
+    server.deploy_variant("v2");
+    signal(old, libc::SIGHUP);
+    let new = server.wait_pid_file_moves_from(old);
+    server.proc.wait_line("the probation", |l| {
+        l.contains("on probation").then_some(())
+    });
+    (server, old, new, conns)
+}
+
+/// Two connections to the current generation, on which it can be kept busy.
+fn busy_connections(server: &Server) -> Vec<std::net::TcpStream> {
+    let pid = server.proc.pid();
+    (0..2)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(server.addr).expect("connect");
+            c.set_read_timeout(Some(PATIENCE)).unwrap();
+            assert_eq!(body_pid(&common::ping_on(&mut c).expect("ping")), Some(pid));
+            c
+        })
+        .collect()
+}
+
+/// Blocks both runtime threads of the test server (it has two) for 1.5 s, one request on
+/// each of `conns`, and waits until both are blocked.
+fn block_both_runtime_threads(server: &Server, conns: &mut [std::net::TcpStream]) {
+    use std::io::Write;
+    for c in conns.iter_mut() {
+        c.write_all(b"GET /block?ms=1500 HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+    }
+    wait_for("both runtime threads to block", PATIENCE, || {
+        (server
+            .proc
+            .output()
+            .matches("blocking a runtime thread")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+}
+
+/// A stop signal that comes as the new generation dies on probation is not undone by a
+/// rollback: the previous generation exits, whichever of the two it sees first. Both
+/// happen here while its runtime threads are busy, so that it sees them together. (The
+/// narrowest order, the death seen and the stop handled before the rollback, is the
+/// unit test `probation::tests::a_stop_before_the_rollback_leaves_nothing_to_resume`.)
+#[test]
+fn a_stop_that_comes_as_the_new_generation_dies_is_not_lost() {
+    let (mut server, old, new, mut conns) = upgraded_on_probation(20_000);
+    block_both_runtime_threads(&server, &mut conns);
+    signal(new, libc::SIGKILL);
+    wait_for("the new generation to die", PATIENCE, || {
+        (!alive(new)).then_some(())
+    });
+    signal(old, libc::SIGTERM);
+    drop(conns);
+    let gone = reborn_testkit::poll_until(PATIENCE, || (!alive(old)).then_some(()));
+    assert!(
+        gone.is_some(),
+        "the previous generation exits, as told:\n{}",
+        server.proc.output()
+    );
+    assert_eq!(server.proc.wait_exit(PATIENCE), Some(0));
+}
+
+/// `Reborn::shutdown` while the next generation is on probation ends the probation, as
+/// `SIGTERM` does: the process exits once drained instead of waiting the probation out,
+/// and the new generation, not rolled back, serves on.
+#[test]
+fn reborn_shutdown_on_probation_ends_the_probation() {
+    let probation = Duration::from_secs(60);
+    let (mut server, old, new, mut conns) = upgraded_on_probation(60_000);
+    // A kept connection is still the previous generation's, on probation.
+    let answer = common::get_on(&mut conns[0], "/shutdown").expect("an answer");
+    assert!(answer.contains("shutting down"), "{answer}");
+    drop(conns);
+    let gone = reborn_testkit::poll_until(probation / 3, || (!alive(old)).then_some(()));
+    assert!(
+        gone.is_some(),
+        "the previous generation exits without waiting out its probation:\n{}",
+        server.proc.output()
+    );
+    assert!(alive(new));
+    assert!(!server.proc.output().contains("rolled back"));
+    assert_eq!(body_pid(&server.get("/ping").body), Some(new));
+    server.stop_current();
 }
 
 #[test]

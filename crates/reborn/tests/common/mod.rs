@@ -205,8 +205,13 @@ pub fn upgrade(addr: SocketAddr, path: &str, headers: &str) -> std::net::TcpStre
 
 /// Sends `GET /ping` on `stream` and reads the whole response head and body.
 pub fn ping_on(stream: &mut std::net::TcpStream) -> std::io::Result<String> {
+    get_on(stream, "/ping")
+}
+
+/// Sends `GET path` on `stream` and reads the response, head and body as text.
+pub fn get_on(stream: &mut std::net::TcpStream, path: &str) -> std::io::Result<String> {
     use std::io::Write;
-    stream.write_all(b"GET /ping HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())?;
     read_response(stream)
 }
 
