@@ -11,9 +11,11 @@
 //! tells the service manager that it is the main process again, and logs what happened.
 //!
 //! The window ends early, without a rollback, when this process is told to stop
-//! (`SIGTERM`, `SIGINT`, the hammer), and when the new generation itself hands over to a
-//! newer one or shuts down on purpose: it says so on the private notify socket it
-//! inherited (`REBORN_HANDED_OVER=<pid>`, `STOPPING=1`).
+//! (`SIGTERM`, `SIGINT`, `Reborn::shutdown`, the hammer), and when the new generation
+//! itself hands over to a newer one or shuts down on purpose: it says so on the private
+//! notify socket it inherited (`REBORN_HANDED_OVER=<pid>`, `STOPPING=1`). A stop and a
+//! death that come together never leave the process serving: whichever ends the
+//! probation first decides (`Probation::take_over`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

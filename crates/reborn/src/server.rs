@@ -334,6 +334,10 @@ impl Builder {
     /// the first database query, a setting read lazily. Three seconds catch those while
     /// the previous generation, idle by then, costs next to nothing; raise it for
     /// services whose first real work comes later.
+    ///
+    /// Told to stop in the window (`SIGTERM`, `SIGINT`, [`Reborn::shutdown`]), the
+    /// previous generation ends its probation and exits once drained; the new one serves
+    /// on. A stop that comes as the new generation dies is not undone by the rollback.
     pub fn probation(mut self, window: Duration) -> Self {
         self.config.probation = window;
         self
