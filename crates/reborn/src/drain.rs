@@ -299,11 +299,8 @@ impl DrainControl {
 
     /// Closes everything now; returns false if that had already been asked.
     pub(crate) fn hammer(&self) -> bool {
-        {
-            let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
-            slot.get_or_insert(DrainReason::Shutdown);
-        }
-        self.advance(Phase::Hammer)
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        self.fall(&mut slot)
     }
 
     /// The drain deadline's hammer, for the drain that began in `epoch`: closes
@@ -318,6 +315,12 @@ impl DrainControl {
             return false;
         }
         before();
+        self.fall(&mut slot)
+    }
+
+    /// The hammer falls, the drain's reason held (`slot`): a shutdown's, unless the
+    /// drain had one.
+    fn fall(&self, slot: &mut Option<DrainReason>) -> bool {
         slot.get_or_insert(DrainReason::Shutdown);
         self.advance(Phase::Hammer)
     }
@@ -1169,15 +1172,15 @@ pub(crate) async fn serve_connection<IO, S, B>(
                 if shut_down {
                     continue;
                 }
-                // A client in the middle of sending its next request is not idle: hyper
-                // would close the connection under it and lose the request. Wait for the
-                // head (its response carries `Connection: close`), as long as a head may
-                // take to arrive.
                 // Serving again (a rollback since the phase was last looked at): the
                 // connection stays, as the phase's change will say.
                 if phase.control.phase() == Phase::Serving {
                     continue;
                 }
+                // A client in the middle of sending its next request is not idle: hyper
+                // would close the connection under it and lose the request. Wait for the
+                // head (its response carries `Connection: close`), as long as a head may
+                // take to arrive.
                 let since = *head_wait_since.get_or_insert_with(Instant::now);
                 let patience = timing.header_read_timeout.unwrap_or(Duration::MAX);
                 if facts.head_arriving.load(Ordering::SeqCst) && since.elapsed() < patience {
@@ -1224,10 +1227,8 @@ mod tests {
     async fn a_response_made_across_a_rollback_does_not_say_close() {
         let control = Arc::new(DrainControl::new());
         let handoff = Arc::new(crate::handoff::Handoff::new(None));
-        let (old, _new) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
-        old.set_nonblocking(true).expect("non-blocking");
-        let old = tokio::net::UnixStream::from_std(old).expect("registered");
-        handoff.set_outbox(crate::handoff::HandoffSender::start(old), false);
+        let (sender, _new) = crate::handoff::HandoffSender::over_socket_pair();
+        handoff.set_outbox(sender, false);
         let plan = HandoffPlan {
             fd: -1,
             key: "http".into(),

@@ -177,10 +177,20 @@ impl std::fmt::Debug for Handing {
 }
 
 impl HandoffSender {
+    /// For tests: the old generation's sender on one end of a real socket pair; the
+    /// other end is the new generation's. Within a runtime.
+    #[cfg(test)]
+    pub(crate) fn over_socket_pair() -> (HandoffSender, std::os::unix::net::UnixStream) {
+        let (old, new) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+        old.set_nonblocking(true).expect("non-blocking");
+        let old = tokio::net::UnixStream::from_std(old).expect("registered");
+        (HandoffSender::start(old), new)
+    }
+
     /// One task writes the sockets, another reads the answers: a writer that waited for
     /// room while answers piled up unread would wait for ever (the new process, its
     /// answers unread, stops reading sockets).
-    pub(crate) fn start(stream: tokio::net::UnixStream) -> HandoffSender {
+    fn start(stream: tokio::net::UnixStream) -> HandoffSender {
         let (queue, rx) = mpsc::unbounded_channel();
         let stream = Arc::new(stream);
         let waiting = Arc::new(std::sync::Mutex::new(Waiting::default()));
@@ -683,16 +693,6 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
-    use std::os::unix::net::UnixStream as StdUnixStream;
-
-    /// The old generation's sender on one end of a socket pair; the other end is the new
-    /// generation's.
-    fn channel() -> (HandoffSender, StdUnixStream) {
-        let (old, new) = StdUnixStream::pair().expect("a socket pair");
-        old.set_nonblocking(true).expect("non-blocking");
-        let old = tokio::net::UnixStream::from_std(old).expect("registered");
-        (HandoffSender::start(old), new)
-    }
 
     /// A connection on loopback: the client's end, and the server's end to hand over.
     fn connection() -> (TcpStream, OwnedFd) {
@@ -704,7 +704,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_served_by_the_new_generation_moves_with_what_the_client_sent() {
-        let (sender, new) = channel();
+        let (sender, new) = HandoffSender::over_socket_pair();
         let (got, taken) = std::sync::mpsc::channel();
         tokio::spawn(receive(new, move |r| got.send(r).is_ok()));
         let (mut client, server_end) = connection();
@@ -729,7 +729,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_new_generation_refuses_stays_with_the_old_one() {
-        let (sender, new) = channel();
+        let (sender, new) = HandoffSender::over_socket_pair();
         tokio::spawn(receive(new, |_| false));
         let (_client, server_end) = connection();
         assert!(!sender.hand(server_end, "http").await);
@@ -738,7 +738,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_channel_that_breaks_fails_every_connection_waiting_for_an_answer() {
-        let (sender, new) = channel();
+        let (sender, new) = HandoffSender::over_socket_pair();
         let (_a, first) = connection();
         let (_b, second) = connection();
         let waiting = [
@@ -773,7 +773,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_listener_name_that_does_not_fit_a_frame_is_not_sent() {
-        let (sender, _new) = channel();
+        let (sender, _new) = HandoffSender::over_socket_pair();
         let (_client, server_end) = connection();
         assert!(!sender.hand(server_end, &"x".repeat(MAX_NAME + 1)).await);
     }

@@ -202,8 +202,8 @@ pub(crate) async fn watch(
             let resumed = inner.probation.take_over(|| inner.drain.resume());
             inner.handoff.close();
             let me = std::process::id();
+            // Not resumed, the probation is over (`take_over`): this process drains on.
             if !resumed {
-                inner.probation.end();
                 let error = UpgradeError::DiedOnProbation {
                     pid,
                     status,

@@ -900,7 +900,7 @@ impl Inner {
                      systemd, `reborn run`, nohup or setsid: then SIGHUP upgrades)"
                 );
                 let _one_at_a_time = self.stop_or_commit();
-                if !self.probation.end() {
+                if !self.end_probation("SIGHUP") {
                     self.begin_drain(DrainReason::Shutdown);
                 }
             }
@@ -1132,7 +1132,7 @@ impl Reborn {
     /// drained.
     pub fn shutdown(&self) {
         let _one_at_a_time = self.inner.stop_or_commit();
-        if !self.inner.probation.end() {
+        if !self.inner.end_probation("Reborn::shutdown") {
             self.inner.begin_drain(DrainReason::Shutdown);
         }
     }

@@ -509,10 +509,6 @@ fn commit(
     if inner.in_shutdown_delay() {
         return Err(UpgradeError::ShuttingDown { pid: me });
     }
-    // A shutdown that began then (the drain it claimed is not the upgrade's).
-    if inner.drain.reason().is_some() {
-        return Err(UpgradeError::Draining { pid: me });
-    }
     if !probation.is_zero() {
         // Before the drain starts, so that the accept loops know to wait.
         inner.probation.begin();
@@ -525,6 +521,8 @@ fn commit(
     if inner.begin_drain(DrainReason::Upgraded { successor: pid }) {
         return Ok(());
     }
+    // A shutdown began while the new process was starting: its drain is not the
+    // upgrade's, and the new process must not serve.
     inner.probation.clear();
     inner.handoff.close();
     Err(UpgradeError::Draining { pid: me })
